@@ -1,0 +1,90 @@
+"""The Backend protocol: the small surface every kind of machine provider implements.
+
+Backends know how to power a machine on and off and where its SSH server listens;
+everything about waiting, single flight and idleness lives in the Fleet, so a backend
+stays a thin adapter that is easy to fake in tests and easy to add.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+from ..config import BackendConfig, HostPort, MachineConfig
+
+PathResolver = Callable[[str | None], Path | None]
+
+
+class PowerState(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    STOPPING = "stopping"
+    UNKNOWN = "unknown"
+
+
+class BackendError(Exception):
+    """A backend call failed; `reason` is a short bounded code for metrics."""
+
+    def __init__(self, message: str, reason: str = "start_error"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a machine's SSH server answers (TCP only for now)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, hp: HostPort) -> "Address":
+        return cls(hp.host, hp.port)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class Backend:
+    """Base class; subclasses set the option names they accept and implement the four calls."""
+
+    TYPE: ClassVar[str] = ""
+    BACKEND_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    MACHINE_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    PROVIDES_ADDRESS: ClassVar[bool] = False
+
+    def __init__(self, config: BackendConfig, resolve: PathResolver, state_dir: Path):
+        self.config = config
+        self.name = config.name
+        self.resolve = resolve
+        self.state_dir = state_dir
+
+    @classmethod
+    def check_backend_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
+        """Yield (key, problem) for bad backend-level options."""
+        return ()
+
+    @classmethod
+    def check_machine_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
+        """Yield (key, problem) for bad machine-level options."""
+        return ()
+
+    async def start(self, machine: MachineConfig) -> None:
+        raise NotImplementedError
+
+    async def stop(self, machine: MachineConfig) -> None:
+        raise NotImplementedError
+
+    async def status(self, machine: MachineConfig) -> PowerState:
+        raise NotImplementedError
+
+    async def address(self, machine: MachineConfig) -> Address:
+        if machine.address is None:
+            raise BackendError(f"machine {machine.name} has no address", "backend_error")
+        return Address.of(machine.address)
+
+    async def aclose(self) -> None:
+        """Release resources held by the backend itself (not the machines)."""

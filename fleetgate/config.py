@@ -1,0 +1,483 @@
+"""TOML configuration → frozen, typed config.
+
+Every problem is collected (not just the first) and reported with the file, the dotted
+key and what to do, so that `fleetgate check` can list them all at once and a broken
+config never starts a half-configured gateway.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+MACHINE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
+TARGET_SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: " if self.file else ""
+        key = f"key '{self.key}': " if self.key else ""
+        return f"{where}{key}{self.message}"
+
+
+class ConfigError(Exception):
+    """Raised with every issue found; str() lists them one per line."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: tuple[HostPort, ...]
+    host_keys: tuple[Path, ...]
+    upstream_key: Path | None
+    state_dir: Path
+    login_grace: float = 30.0
+    keepalive_interval: float = 30.0
+    ciphers: tuple[str, ...] = ()
+    window: int = 8 * 1024 * 1024
+    max_packet: int = 256 * 1024
+    forwarding: str = "local"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    authorized_keys: tuple[str, ...]
+    machines: tuple[str, ...]
+
+    @property
+    def default_machine(self) -> str:
+        return self.machines[0]
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    type: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str
+    backend: str
+    user: str | None
+    address: HostPort | None
+    host_keys: tuple[str, ...]
+    known_hosts: Path | None
+    identity: Path | None
+    boot_timeout: float
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    base_dir: Path
+    gateway: GatewayConfig
+    metrics: MetricsConfig
+    users: Mapping[str, UserConfig]
+    user_ca_keys: tuple[str, ...]
+    backends: Mapping[str, BackendConfig]
+    machines: Mapping[str, MachineConfig]
+
+
+# Cipher names asyncssh knows; a typo here would otherwise surface as a failed handshake.
+KNOWN_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes192-ctr",
+    "aes256-ctr",
+    "chacha20-poly1305@openssh.com",
+)
+# AES-GCM costs about half the CPU per byte of chacha20 in the relay (see docs/benchmarks.md).
+DEFAULT_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+    "chacha20-poly1305@openssh.com",
+)
+
+
+class _Reader:
+    """Walks a TOML document, recording issues instead of raising on the first one."""
+
+    def __init__(self, file: str, base_dir: Path):
+        self.file = file
+        self.base_dir = base_dir
+        self.issues: list[ConfigIssue] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.issues.append(ConfigIssue(self.file, key, message))
+
+    def table(self, doc: Mapping[str, Any], key: str, prefix: str, required: bool = False) -> dict[str, Any]:
+        full = f"{prefix}{key}"
+        if key not in doc:
+            if required:
+                self.error(full, f"missing table; add a [{full}] section")
+            return {}
+        value = doc[key]
+        if not isinstance(value, dict):
+            self.error(full, f"must be a table, got {type(value).__name__}")
+            return {}
+        return value
+
+    def unknown_keys(self, doc: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
+        for key in doc:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.error(f"{prefix}{key}", f"unknown key; allowed here: {hint}")
+
+    def get(
+        self,
+        doc: Mapping[str, Any],
+        key: str,
+        prefix: str,
+        kind: type | tuple[type, ...],
+        default: Any = None,
+        required: bool = False,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        full = f"{prefix}{key}"
+        if key not in doc:
+            if required:
+                self.error(full, "missing; this key is required")
+            return default
+        value = doc[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            self.error(full, f"must be {_kind_name(kinds)}, got a boolean")
+            return default
+        if not isinstance(value, kinds):
+            self.error(full, f"must be {_kind_name(kinds)}, got {type(value).__name__} {value!r}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.error(full, problem)
+                return default
+        return value
+
+    def str_list(self, doc: Mapping[str, Any], key: str, prefix: str, required: bool = False) -> tuple[str, ...]:
+        value = self.get(doc, key, prefix, (list, str), default=[], required=required)
+        if isinstance(value, str):
+            value = [value]
+        out = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.error(f"{prefix}{key}[{i}]", f"must be a string, got {type(item).__name__}")
+            else:
+                out.append(item)
+        return tuple(out)
+
+    def path(self, value: str | None) -> Path | None:
+        return resolve_path(self.base_dir, value)
+
+    def host_port(self, value: str, key: str, default_host: str = "0.0.0.0") -> HostPort | None:
+        hp = parse_host_port(value, default_host)
+        if hp is None:
+            self.error(key, f"'{value}' is not HOST:PORT (for example 127.0.0.1:2222 or [::1]:2222)")
+        return hp
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse_host_port(value: str, default_host: str = "0.0.0.0") -> HostPort | None:
+    """Parse 'host:port', '[v6]:port' or ':port'/'port'."""
+    value = value.strip()
+    host, port_s = default_host, value
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or not value[end + 1:].startswith(":"):
+            return None
+        host, port_s = value[1:end], value[end + 2:]
+    elif ":" in value:
+        host, _, port_s = value.rpartition(":")
+        host = host or default_host
+    if not port_s.isdigit():
+        return None
+    port = int(port_s)
+    if not 0 < port < 65536:
+        return None
+    return HostPort(host, port)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _check_key_line(line: str) -> str | None:
+    """Return a problem with an OpenSSH public key line, or None."""
+    import asyncssh
+
+    try:
+        asyncssh.import_public_key(line)
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        short = line if len(line) < 40 else line[:37] + "..."
+        return f"'{short}' is not an OpenSSH public key ({exc})"
+    return None
+
+
+def _read_key_file(reader: _Reader, path: Path | None, key: str) -> list[str]:
+    if path is None:
+        return []
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        reader.error(key, f"cannot read {path}: {exc.strerror}")
+        return []
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load and validate a config file; raise ConfigError listing every problem."""
+    path = Path(path)
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(file, "", f"cannot read config: {exc.strerror}")]) from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigIssue(file, "", f"not UTF-8 text ({exc})")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue(file, "", f"TOML syntax error: {exc}")]) from None
+    return parse(doc, file=file, base_dir=path.resolve().parent)
+
+
+def resolve_path(base_dir: Path, value: str | None) -> Path | None:
+    """Paths in the config are relative to the config file's directory."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate a parsed TOML document (a dict); raise ConfigError listing every problem."""
+    from .backends import BACKEND_TYPES
+
+    r = _Reader(file, base_dir or Path.cwd())
+    r.unknown_keys(doc, {"gateway", "metrics", "users", "user_ca", "backends", "machines"}, "")
+
+    # [gateway]
+    g = r.table(doc, "gateway", "", required=True)
+    r.unknown_keys(g, {"listen", "host_keys", "upstream_key", "state_dir", "login_grace",
+                       "keepalive_interval", "ciphers", "window", "max_packet", "forwarding"}, "gateway.")
+    listen = []
+    for i, item in enumerate(r.str_list(g, "listen", "gateway.", required=True)):
+        hp = r.host_port(item, f"gateway.listen[{i}]")
+        if hp:
+            listen.append(hp)
+    host_keys = []
+    for i, item in enumerate(r.str_list(g, "host_keys", "gateway.", required=True)):
+        p = r.path(item)
+        assert p is not None
+        if not p.is_file():
+            r.error(f"gateway.host_keys[{i}]", f"no such file {p}; create one with 'fleetgate keygen {p}'")
+        host_keys.append(p)
+    upstream_key = r.path(r.get(g, "upstream_key", "gateway.", str))
+    if upstream_key is not None and not upstream_key.is_file():
+        r.error("gateway.upstream_key", f"no such file {upstream_key}; create one with 'fleetgate keygen {upstream_key}'")
+    state_dir = r.path(r.get(g, "state_dir", "gateway.", str)) or (r.base_dir / "state")
+    ciphers = r.str_list(g, "ciphers", "gateway.") or DEFAULT_CIPHERS
+    for c in ciphers:
+        if c not in KNOWN_CIPHERS:
+            r.error("gateway.ciphers", f"unknown cipher '{c}'; known: {', '.join(KNOWN_CIPHERS)}")
+    gateway = GatewayConfig(
+        listen=tuple(listen),
+        host_keys=tuple(host_keys),
+        upstream_key=upstream_key,
+        state_dir=state_dir,
+        login_grace=r.get(g, "login_grace", "gateway.", float, 30.0, check=_positive),
+        keepalive_interval=r.get(g, "keepalive_interval", "gateway.", float, 30.0, check=_positive),
+        ciphers=tuple(ciphers),
+        window=r.get(g, "window", "gateway.", int, 8 * 1024 * 1024,
+                     check=lambda v: None if 32768 <= v <= (1 << 30) else "must be between 32768 and 1073741824"),
+        max_packet=r.get(g, "max_packet", "gateway.", int, 256 * 1024,
+                         check=lambda v: None if 4096 <= v <= (1 << 20) else "must be between 4096 and 1048576"),
+        forwarding=r.get(g, "forwarding", "gateway.", str, "local",
+                         check=lambda v: None if v in ("local", "any", "none") else
+                         f"must be 'local' (-L to the machine's own services), 'any' (the machine's sshd decides) "
+                         f"or 'none', got '{v}'"),
+    )
+
+    # [metrics]
+    m = r.table(doc, "metrics", "")
+    r.unknown_keys(m, {"listen"}, "metrics.")
+    mlisten = r.get(m, "listen", "metrics.", str)
+    metrics = MetricsConfig(listen=r.host_port(mlisten, "metrics.listen", "127.0.0.1") if mlisten else None)
+
+    # [user_ca]
+    ca = r.table(doc, "user_ca", "")
+    r.unknown_keys(ca, {"keys", "keys_file"}, "user_ca.")
+    ca_keys = list(r.str_list(ca, "keys", "user_ca."))
+    ca_keys += _read_key_file(r, r.path(r.get(ca, "keys_file", "user_ca.", str)), "user_ca.keys_file")
+    for i, line in enumerate(ca_keys):
+        problem = _check_key_line(line)
+        if problem:
+            r.error(f"user_ca.keys[{i}]", problem)
+
+    # [backends.NAME]
+    backends: dict[str, BackendConfig] = {}
+    for name, b in r.table(doc, "backends", "").items():
+        prefix = f"backends.{name}."
+        if not isinstance(b, dict):
+            r.error(f"backends.{name}", "must be a table")
+            continue
+        btype = r.get(b, "type", prefix, str, required=True)
+        if btype is None:
+            continue
+        cls = BACKEND_TYPES.get(btype)
+        if cls is None:
+            r.error(f"{prefix}type", f"unknown backend type '{btype}'; known: {', '.join(sorted(BACKEND_TYPES))}")
+            continue
+        opts = {k: v for k, v in b.items() if k != "type"}
+        r.unknown_keys(opts, set(cls.BACKEND_OPTIONS), prefix)
+        for problem_key, problem in cls.check_backend_options(opts, r.path):
+            r.error(f"{prefix}{problem_key}", problem)
+        backends[name] = BackendConfig(name, btype, MappingProxyType(opts))
+
+    # [machines.NAME]
+    machines: dict[str, MachineConfig] = {}
+    common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout"}
+    for name, mc in r.table(doc, "machines", "").items():
+        prefix = f"machines.{name}."
+        if not isinstance(mc, dict):
+            r.error(f"machines.{name}", "must be a table")
+            continue
+        if not MACHINE_NAME_RE.match(name) or TARGET_SEPARATOR in name:
+            r.error(f"machines.{name}", "machine names use letters, digits, '.', '_' and '-' only")
+        bname = r.get(mc, "backend", prefix, str, required=True)
+        bconf = backends.get(bname) if bname else None
+        if bname and bconf is None:
+            known = ", ".join(sorted(backends)) or "none defined; add a [backends.NAME] table"
+            r.error(f"{prefix}backend", f"no backend named '{bname}'; known: {known}")
+        extra = set(BACKEND_TYPES[bconf.type].MACHINE_OPTIONS) if bconf else set()
+        r.unknown_keys(mc, common | extra, prefix)
+        address = None
+        if "address" in mc:
+            a = r.get(mc, "address", prefix, str)
+            address = r.host_port(a, f"{prefix}address", "127.0.0.1") if a else None
+        host_keys_m = list(r.str_list(mc, "host_key", prefix))
+        for i, line in enumerate(host_keys_m):
+            if line.startswith("/") or line.startswith("~") or line.startswith("."):
+                host_keys_m[i:i + 1] = _read_key_file(r, r.path(line), f"{prefix}host_key")
+        for line in host_keys_m:
+            problem = _check_key_line(line)
+            if problem:
+                r.error(f"{prefix}host_key", problem)
+        known_hosts = r.path(r.get(mc, "known_hosts", prefix, str))
+        if known_hosts is not None and not known_hosts.is_file():
+            r.error(f"{prefix}known_hosts", f"no such file {known_hosts}")
+        if not host_keys_m and known_hosts is None:
+            r.error(f"{prefix}host_key",
+                    "missing; pin the machine's SSH host key (host_key = \"ssh-ed25519 AAAA...\" or a .pub path) "
+                    "or give known_hosts = PATH; fleetgate never connects to an unverified machine")
+        identity = r.path(r.get(mc, "identity", prefix, str))
+        if identity is not None and not identity.is_file():
+            r.error(f"{prefix}identity", f"no such file {identity}")
+        if identity is None and gateway.upstream_key is None:
+            r.error(f"{prefix}identity", "missing; set gateway.upstream_key or this machine's identity (the key fleetgate logs in with)")
+        opts = {k: v for k, v in mc.items() if k in extra}
+        if bconf:
+            for problem_key, problem in BACKEND_TYPES[bconf.type].check_machine_options(opts, r.path):
+                r.error(f"{prefix}{problem_key}", problem)
+            if address is None and not BACKEND_TYPES[bconf.type].PROVIDES_ADDRESS:
+                r.error(f"{prefix}address", f"missing; backend type '{bconf.type}' needs the machine's SSH HOST:PORT")
+        machines[name] = MachineConfig(
+            name=name,
+            backend=bname or "",
+            user=r.get(mc, "user", prefix, str),
+            address=address,
+            host_keys=tuple(host_keys_m),
+            known_hosts=known_hosts,
+            identity=identity or upstream_key,
+            boot_timeout=r.get(mc, "boot_timeout", prefix, float, 120.0, check=_positive),
+            options=MappingProxyType(opts),
+        )
+
+    # [users.NAME]
+    users: dict[str, UserConfig] = {}
+    for name, u in r.table(doc, "users", "").items():
+        prefix = f"users.{name}."
+        if not isinstance(u, dict):
+            r.error(f"users.{name}", "must be a table")
+            continue
+        if not USER_NAME_RE.match(name):
+            r.error(f"users.{name}", "user names are lower-case letters, digits, '_', '.' and '-' (no '+')")
+        r.unknown_keys(u, {"authorized_keys", "authorized_keys_file", "machines"}, prefix)
+        keys = list(r.str_list(u, "authorized_keys", prefix))
+        keys += _read_key_file(r, r.path(r.get(u, "authorized_keys_file", prefix, str)), f"{prefix}authorized_keys_file")
+        for i, line in enumerate(keys):
+            problem = _check_key_line(line)
+            if problem:
+                r.error(f"{prefix}authorized_keys[{i}]", problem)
+        if not keys and not ca_keys:
+            r.error(f"{prefix}authorized_keys", "missing; give the user's public keys, or configure [user_ca] keys")
+        ms = r.str_list(u, "machines", prefix, required=True)
+        if "machines" in u and not ms:
+            r.error(f"{prefix}machines", "must name at least one machine (the first is the default)")
+        for mname in ms:
+            if mname not in machines and mname not in r.table(doc, "machines", ""):
+                known = ", ".join(sorted(machines)) or "none defined"
+                r.error(f"{prefix}machines", f"no machine named '{mname}'; known: {known}")
+        users[name] = UserConfig(name, tuple(keys), ms)
+
+    if not users:
+        r.error("users", "no users; add a [users.NAME] table with authorized_keys and machines")
+
+    if r.issues:
+        raise ConfigError(r.issues)
+    return Config(
+        path=Path(file),
+        base_dir=r.base_dir,
+        gateway=gateway,
+        metrics=metrics,
+        users=MappingProxyType(users),
+        user_ca_keys=tuple(ca_keys),
+        backends=MappingProxyType(backends),
+        machines=MappingProxyType(machines),
+    )

@@ -1,0 +1,108 @@
+"""`fleetgate demo`: a whole fleet on this machine, every key generated under one directory.
+
+Two machines, alice and bob, are local sshds run by the process backend (stopped at
+start). The directory is reused between runs so the known_hosts and client key written
+there stay valid; the config it writes (fleetgate.toml) is an ordinary config file.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import socket
+from pathlib import Path
+
+from .keys import ensure_key, public_line
+
+DEMO_USERS = ("alice", "bob")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "fleetgate" / "demo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _known_host_names(port: int) -> list[str]:
+    return ["127.0.0.1", "localhost"] if port == 22 else [f"[127.0.0.1]:{port}", f"[localhost]:{port}"]
+
+
+def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: float = 0.0,
+            idle_timeout: float | None = None, min_uptime: float | None = None) -> Path:
+    """Write keys and fleetgate.toml under state_dir; return the config path."""
+    d = state_dir
+    d.mkdir(parents=True, exist_ok=True)
+    host_key = ensure_key(d / "gateway_host_key", "fleetgate-demo-gateway")
+    upstream_key = ensure_key(d / "upstream_key", "fleetgate-demo-upstream")
+    client_key = ensure_key(d / "client_key", "fleetgate-demo-client")
+    host_line = public_line(host_key)
+    known = [f"{n} {host_line}" for n in _known_host_names(port)]
+    me = getpass.getuser()
+    ports_file = d / "machine_ports"
+    ports = {}
+    if ports_file.exists():
+        for line in ports_file.read_text().split():
+            name, _, p = line.partition("=")
+            ports[name] = int(p)
+    machines = []
+    for name in DEMO_USERS:
+        mdir = d / "machines" / name
+        mkey = ensure_key(mdir / "ssh_host_ed25519_key", f"fleetgate-demo-{name}")
+        # The gateway's key, and the client's too so that jump mode (end to end) works.
+        (mdir / "authorized_keys").write_text(public_line(upstream_key) + "\n" + public_line(client_key) + "\n")
+        known.append(f"{name} {public_line(mkey)}")  # for jump mode: ssh -J ... {me}@{name}
+        ports.setdefault(name, _free_port())
+        machines.append(f"""
+[machines.{name}]
+backend = "local"
+user = "{me}"
+host_key = "{public_line(mkey)}"
+port = {ports[name]}
+host_key_file = "machines/{name}/ssh_host_ed25519_key"
+authorized_keys_file = "machines/{name}/authorized_keys"
+boot_timeout = {max(30.0, boot_delay + 30):g}
+""")
+    (d / "known_hosts").write_text("".join(line + "\n" for line in known))
+    ports_file.write_text("".join(f"{k}={v}\n" for k, v in ports.items()))
+    users = "".join(f"""
+[users.{name}]
+authorized_keys_file = "client_key.pub"
+machines = ["{name}"]
+""" for name in DEMO_USERS)
+    metrics = f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port is not None else ""
+    text = f"""# Written by `fleetgate demo`; an ordinary fleetgate config (see docs/config.example.toml).
+[gateway]
+listen = ["127.0.0.1:{port}"]
+host_keys = ["gateway_host_key"]
+upstream_key = "upstream_key"
+state_dir = "state"
+{metrics}
+[backends.local]
+type = "process"
+start_delay = {boot_delay:g}
+{''.join(machines)}{users}"""
+    cfg = d / "fleetgate.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+def instructions(state_dir: Path, port: int, metrics_port: int | None) -> str:
+    d = state_dir
+    base = f"ssh -p {port} -i {d}/client_key -o UserKnownHostsFile={d}/known_hosts -o IdentitiesOnly=yes"
+    lines = [
+        f"fleetgate demo: gateway on 127.0.0.1:{port}, machines alice and bob (stopped until you log in)",
+        "try:",
+        f"  {base} alice@127.0.0.1 'hostname; echo hello from alice'",
+        f"  {base} bob@127.0.0.1",
+        f"  ssh -i {d}/client_key -o UserKnownHostsFile={d}/known_hosts -o IdentitiesOnly=yes "
+        f"-o ProxyCommand='{base} -W %h:%p alice@127.0.0.1' {getpass.getuser()}@alice   # jump mode, end to end",
+    ]
+    if metrics_port is not None:
+        lines.append(f"  curl -s 127.0.0.1:{metrics_port}/metrics | grep ^fleetgate_")
+    lines.append("Ctrl-C stops the gateway and its machines.")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Every metric fleetgate exports, defined once.
+
+Labels are bounded on purpose: backend, reason, result, op, phase, kind, direction, and
+a machine label only on per-machine gauges. Never a user, an address or a session id:
+those belong in the audit log, not in a time series per value.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+prometheus_client.disable_created_metrics()
+
+BOOT_BUCKETS = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+SESSION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 3600, 24 * 3600)
+
+WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "stop_failed", "cooldown")
+UPSTREAM_FAILURE_REASONS = ("host_key_mismatch", "upstream_auth", "upstream_error")
+MACHINE_STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
+CONNECTION_RESULTS = ("authenticated", "auth_failed", "preauth_timeout", "routing_refused", "wake_failed",
+                      "upstream_failed", "closed_preauth")
+BACKEND_OPS = ("start", "stop", "status", "address")
+
+
+class Metrics:
+    """A registry per gateway, so tests can run several gateways in one process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.build_info = Info("fleetgate_build", "Version of the running fleetgate.", registry=r)
+        self.build_info.info({"version": __version__})
+        self.boot_latency = Histogram(
+            "fleetgate_boot_latency_seconds", "Time from the backend start call to the machine's SSH banner.",
+            ["backend"], buckets=BOOT_BUCKETS, registry=r)
+        self.active_sessions = Gauge(
+            "fleetgate_active_sessions", "Connections and channels currently holding a machine awake.",
+            ["machine"], registry=r)
+        self.wake_failures = Counter(
+            "fleetgate_wake_failures", "Wakes that did not give the user a ready machine, by reason.",
+            ["backend", "reason"], registry=r)
+        self.wakes = Counter(
+            "fleetgate_wakes", "Backend start attempts (one per wake, however many clients wait), by result.",
+            ["backend", "result"], registry=r)
+        self.reaper_stops = Counter(
+            "fleetgate_reaper_stops", "Machines stopped by the idle reaper, by result.",
+            ["backend", "result"], registry=r)
+        self.machine_state = Gauge(
+            "fleetgate_machine_state", "1 for the machine's current state, 0 for the others.",
+            ["machine", "state"], registry=r)
+        self.machine_idle = Gauge(
+            "fleetgate_machine_idle_seconds", "Seconds since a running machine's last session ended (0 while in use).",
+            ["machine"], registry=r)
+        self.connections = Counter(
+            "fleetgate_connections", "Incoming SSH connections by outcome.", ["result"], registry=r)
+        self.auth_failures = Counter(
+            "fleetgate_auth_failures", "Failed authentication attempts by method.", ["method"], registry=r)
+        self.backend_calls = Histogram(
+            "fleetgate_backend_call_duration_seconds", "Duration of backend calls by backend, operation and result.",
+            ["backend", "op", "result"], buckets=CALL_BUCKETS, registry=r)
+        self.relayed_bytes = Counter(
+            "fleetgate_relayed_bytes", "Bytes relayed between users and machines.", ["direction", "mode"], registry=r)
+        self.channels = Counter(
+            "fleetgate_channels", "Channels opened through the gateway by kind and result.", ["kind", "result"],
+            registry=r)
+        self.upstream_failures = Counter(
+            "fleetgate_upstream_failures", "Failed SSH connections from the gateway to machines, by reason.",
+            ["reason"], registry=r)
+        for reason in UPSTREAM_FAILURE_REASONS:
+            self.upstream_failures.labels(reason)
+        self.session_duration = Histogram(
+            "fleetgate_session_duration_seconds", "Duration of authenticated connections.", [],
+            buckets=SESSION_BUCKETS, registry=r)
+        for reason in ("publickey", "password"):
+            self.auth_failures.labels(reason)
+        for result in CONNECTION_RESULTS:
+            self.connections.labels(result)
+        for direction in ("up", "down"):
+            for mode in ("relay", "jump", "forward"):
+                self.relayed_bytes.labels(direction, mode)
+
+    def add_machine(self, machine: str, backend: str) -> None:
+        """Start a machine's series (and its backend's counters) at 0."""
+        for state in MACHINE_STATES:
+            self.machine_state.labels(machine, state).set(0)
+        self.active_sessions.labels(machine).set(0)
+        self.machine_idle.labels(machine).set(0)
+        for reason in WAKE_FAILURE_REASONS:
+            self.wake_failures.labels(backend, reason)
+        for result in ("success", "failure"):
+            self.wakes.labels(backend, result)
+            self.reaper_stops.labels(backend, result)
+
+    def set_state(self, machine: str, state: str) -> None:
+        for s in MACHINE_STATES:
+            self.machine_state.labels(machine, s).set(1 if s == state else 0)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

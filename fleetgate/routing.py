@@ -1,0 +1,57 @@
+"""User name → target machine.
+
+`alice` lands on alice's first machine, `alice+box2` on box2 if alice may use it. The
+Router is an interface so a webhook or database router can replace the TOML table
+without touching the SSH front; the front only ever asks `route()` and `may_reach()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from .config import TARGET_SEPARATOR, MachineConfig, UserConfig
+
+
+@dataclass(frozen=True)
+class Target:
+    user: str            # the gateway user who authenticated
+    machine: str         # the machine to land on
+    upstream_user: str   # the account on that machine
+
+
+class RoutingError(Exception):
+    """The user authenticated but may not go where they asked; the text is shown to them."""
+
+
+def split_login(login: str) -> tuple[str, str | None]:
+    """'alice+box2' → ('alice', 'box2'); 'alice' → ('alice', None)."""
+    user, sep, target = login.partition(TARGET_SEPARATOR)
+    return user, (target if sep else None)
+
+
+class Router(Protocol):
+    async def route(self, user: str, target: str | None) -> Target: ...
+
+    def may_reach(self, user: str, machine: str) -> bool: ...
+
+
+class TableRouter:
+    """The routing table from the config: each user's `machines`, the first being the default."""
+
+    def __init__(self, users: Mapping[str, UserConfig], machines: Mapping[str, MachineConfig]):
+        self._users = users
+        self._machines = machines
+
+    def may_reach(self, user: str, machine: str) -> bool:
+        u = self._users.get(user)
+        return u is not None and machine in u.machines
+
+    async def route(self, user: str, target: str | None) -> Target:
+        u = self._users.get(user)
+        if u is None:
+            raise RoutingError(f"fleetgate: no machine for {user}")
+        machine = target or u.default_machine
+        if machine not in u.machines or machine not in self._machines:
+            raise RoutingError(f"fleetgate: {user} may not use {machine}")
+        return Target(user, machine, self._machines[machine].user or user)

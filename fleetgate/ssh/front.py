@@ -1,0 +1,325 @@
+"""The SSH front: asyncssh server, authentication, routing, waking, and channel dispatch.
+
+Authenticate, then wake: asyncssh asks the server's validate_public_key() for the
+client's unsigned key query and again before checking the signature, so anyone who
+knows alice's public key could trigger it. We therefore hook the connection's own
+validate_public_key(), let asyncssh verify the signature, and only then route, wake the
+machine and connect upstream, all before answering USERAUTH_SUCCESS. Holding the answer
+is what lets us show progress as SSH auth banners, which OpenSSH prints on stderr and
+which never mix with the data of scp, sftp or rsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+import trio_asyncio
+
+from ..fleet import Lease, WakeError
+from ..routing import RoutingError, Target, split_login
+from . import upstream as upstream_mod
+from .relay import Pipe, SessionRelay
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
+
+
+class FrontConnection(asyncssh.SSHServer):
+    """One user's connection to the gateway."""
+
+    def __init__(self, gateway: "Gateway"):
+        self.gateway = gateway
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer = "?"
+        self.login = ""
+        self.target: Target | None = None
+        self.target_machine = ""
+        self.upstream: asyncssh.SSHClientConnection | None = None
+        self._lease: Lease | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._authorized = False
+        self._t0 = time.monotonic()
+        self._jump_only = True
+        self._pipes: set[Pipe] = set()
+        self._leases: set[Lease] = set()
+
+    # -- connection lifecycle -------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self._grace = asyncio.get_running_loop().call_later(
+            self.gateway.config.gateway.login_grace, self._grace_expired)
+        original = conn.validate_public_key
+
+        async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            user, _ = split_login(username)
+            ok = await original(user, key_data, msg, signature)
+            if not ok:
+                if msg:
+                    self.gateway.metrics.auth_failures.labels("publickey").inc()
+                return False
+            if msg:  # the signature over the session id has been verified
+                await self._after_auth(username)
+            return True
+
+        conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+        self.gateway.connections.add(self)
+
+    def _grace_expired(self) -> None:
+        if not self._authorized and self.conn is not None:
+            log.info("pre-auth grace expired peer=%s", self.peer)
+            self.gateway.metrics.connections.labels("preauth_timeout").inc()
+            self.conn.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._grace is not None:
+            self._grace.cancel()
+        self.gateway.connections.discard(self)
+        for pipe in list(self._pipes):
+            pipe.abort()
+        if self.upstream is not None:
+            self.upstream.close()
+        for lease in list(self._leases):
+            lease.release()
+        self._leases.clear()
+        if self._lease is not None:
+            self._lease.release()
+        if self._authorized:
+            self.gateway.metrics.session_duration.observe(time.monotonic() - self._t0)
+            log.info("connection closed user=%s machine=%s peer=%s seconds=%.1f",
+                     self.target.user if self.target else "?", self.target_machine, self.peer,
+                     time.monotonic() - self._t0)
+        elif not self._closed_counted:
+            self.gateway.metrics.connections.labels("closed_preauth").inc()
+
+    _closed_counted = False
+
+    def _count(self, result: str) -> None:
+        self._closed_counted = True
+        self.gateway.metrics.connections.labels(result).inc()
+
+    # -- authentication -------------------------------------------------------------------
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Same work for unknown users and wrong keys: one set lookup either way.
+        return key.public_data in self.gateway.user_keys.get(username, self.gateway.no_keys)
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # asyncssh then checks the certificate's validity period and that `username`
+        # (the base user, without +target) is one of its principals.
+        return username in self.gateway.config.users and key.public_data in self.gateway.ca_keys
+
+    def _banner(self, line: str) -> None:
+        if self.conn is not None and not self._closed and not self._authorized:
+            self.conn.send_auth_banner(line + "\n")
+
+    def _refuse(self, result: str, message: str) -> None:
+        """Tell the (authenticated) user why, then disconnect."""
+        self._count(result)
+        self._banner(message)
+        raise asyncssh.ServiceNotAvailable(message)
+
+    async def _after_auth(self, login: str) -> None:
+        """Route, wake and connect upstream, before USERAUTH_SUCCESS is sent."""
+        gw = self.gateway
+        if self._grace is not None:
+            self._grace.cancel()
+        self.login = login
+        user, want = split_login(login)
+        try:
+            target = await trio_asyncio.trio_as_aio(gw.router.route)(user, want)
+        except RoutingError as exc:
+            log.info("routing refused user=%s target=%s peer=%s", user, want, self.peer)
+            self._refuse("routing_refused", str(exc))
+        self.target = target
+        self.target_machine = target.machine
+        machine = gw.config.machines[target.machine]
+        for attempt in (1, 2):
+            try:
+                lease = await trio_asyncio.trio_as_aio(gw.fleet.acquire)(target.machine, self._banner)
+            except WakeError as exc:
+                log.info("wake refused user=%s machine=%s reason=%s peer=%s", user, target.machine, exc.reason, self.peer)
+                self._refuse("wake_failed", exc.message)
+            if self._closed:
+                lease.release()
+                return
+            self._lease = lease
+            address = gw.fleet.machines[target.machine].address
+            assert address is not None
+            try:
+                self.upstream = await upstream_mod.connect(machine, address, target.upstream_user, gw.config.gateway)
+            except upstream_mod.UpstreamError as exc:
+                lease.release()
+                self._lease = None
+                gw.metrics.upstream_failures.labels(exc.reason).inc()
+                if exc.reason == "upstream_error" and attempt == 1:
+                    # The machine may have died since we last saw it: ask, and wake it again if so.
+                    await trio_asyncio.trio_as_aio(gw.fleet.machine_lost)(target.machine)
+                    continue
+                log.warning("upstream failed user=%s machine=%s reason=%s detail=%s",
+                            user, target.machine, exc.reason, exc.message)
+                self._refuse("upstream_failed", exc.message)
+            break
+        if self._closed:
+            self.upstream.close()
+            return
+        self._authorized = True
+        self._count("authenticated")
+        log.info("connection authenticated user=%s machine=%s peer=%s", user, target.machine, self.peer)
+
+    # -- channels -------------------------------------------------------------------------
+
+    def _hold(self) -> None:
+        """A non-jump channel: the connection's lease must hold its machine (again, after a jump)."""
+        self._jump_only = False
+        if self._lease is None and not self._closed:
+            self._lease = self.gateway.fleet.try_acquire(self.target_machine)
+
+    def session_requested(self) -> Any:
+        self._hold()
+        gw = self.gateway.config.gateway
+        chan = self.conn.create_server_channel(encoding=None, window=gw.window, max_pktsize=gw.max_packet)
+        return chan, SessionRelay(self)
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        gw = self.gateway
+        assert self.target is not None
+        if dest_host in gw.config.machines:
+            if dest_port != 22 or not gw.router.may_reach(self.target.user, dest_host):
+                log.info("jump refused user=%s dest=%s:%s", self.target.user, dest_host, dest_port)
+                gw.metrics.channels.labels("jump", "refused").inc()
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                                f"fleetgate: {self.target.user} may not jump to {dest_host}:{dest_port}")
+            return self._jump(dest_host)
+        policy = gw.config.gateway.forwarding
+        if policy == "none" or (policy == "local" and dest_host.lower() not in LOOPBACK_NAMES):
+            gw.metrics.channels.labels("forward", "refused").inc()
+            log.info("forward refused user=%s dest=%s:%s policy=%s", self.target.user, dest_host, dest_port, policy)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                f"fleetgate: forwarding to {dest_host}:{dest_port} is not allowed; jump targets are machine names")
+        self._hold()
+        return self._local_forward(dest_host, dest_port, orig_host, orig_port)
+
+    def _new_pipe(self, mode: str) -> Pipe:
+        def done(pipe: Pipe) -> None:
+            self._pipes.discard(pipe)
+            self.count_bytes(mode, pipe.bytes)
+
+        pipe = Pipe(mode, done)
+        self._pipes.add(pipe)
+        return pipe
+
+    async def _jump(self, machine: str) -> Any:
+        """Splice the channel to the machine's SSH port: the inner session stays end to end."""
+        gw = self.gateway
+        if self._jump_only and self._lease is not None:
+            # A pure jump connection should not keep the login's default machine awake.
+            self._lease.release()
+            self._lease = None
+        try:
+            lease = await trio_asyncio.trio_as_aio(gw.fleet.acquire)(machine, None)
+        except WakeError as exc:
+            gw.metrics.channels.labels("jump", "wake_failed").inc()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
+        address = gw.fleet.machines[machine].address
+        assert address is not None
+        pipe = self._new_pipe("jump")
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: pipe.machine, address.host, address.port)
+        except OSError as exc:
+            lease.release()
+            self._pipes.discard(pipe)
+            gw.metrics.channels.labels("jump", "connect_failed").inc()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                            f"fleetgate: cannot reach {machine}: {exc.strerror}") from None
+        if self._closed:
+            lease.release()
+            pipe.abort()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "connection closed")
+        self._leases.add(lease)
+        original_done = pipe._on_done
+
+        def done(p: Pipe) -> None:
+            original_done(p)
+            self._leases.discard(lease)
+            lease.release()
+
+        pipe._on_done = done
+        gw.metrics.channels.labels("jump", "ok").inc()
+        log.info("jump user=%s machine=%s peer=%s", self.target.user if self.target else "?", machine, self.peer)
+        return pipe.user
+
+    async def _local_forward(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        """-L: open the same direct-tcpip on the machine, so its sshd decides and connects."""
+        gw = self.gateway
+        pipe = self._new_pipe("forward")
+        g = gw.config.gateway
+        try:
+            await self.upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
+                                                  window=g.window, max_pktsize=g.max_packet)
+        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+            self._pipes.discard(pipe)
+            gw.metrics.channels.labels("forward", "refused").inc()
+            reason = getattr(exc, "reason", str(exc))
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"{self.target_machine}: {reason}") from None
+        gw.metrics.channels.labels("forward", "ok").inc()
+        return pipe.user
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """-R: ask the machine to listen; its connections come back to the user as forwarded-tcpip."""
+        if self.gateway.config.gateway.forwarding == "none":
+            return False
+        self._hold()
+        return self._remote_forward(listen_host, listen_port)
+
+    async def _remote_forward(self, listen_host: str, listen_port: int) -> Any:
+        g = self.gateway.config.gateway
+        assert self.upstream is not None and self.conn is not None
+        actual: dict[str, int] = {}
+
+        async def on_connection(orig_host: str, orig_port: int) -> Any:
+            pipe = self._new_pipe("forward")
+            try:
+                await self.conn.create_connection(lambda: pipe.user, listen_host, actual["port"], orig_host, orig_port,
+                                                  window=g.window, max_pktsize=g.max_packet)
+            except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+                self._pipes.discard(pipe)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            return pipe.machine
+
+        try:
+            listener = await self.upstream.create_server(on_connection, listen_host, listen_port,
+                                                         window=g.window, max_pktsize=g.max_packet)
+        except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
+            log.info("remote forward refused machine=%s listen=%s:%s error=%s", self.target_machine, listen_host,
+                     listen_port, exc)
+            return False
+        actual["port"] = listener.get_port() or listen_port
+        self.gateway.metrics.channels.labels("remote_forward", "ok").inc()
+        return listener
+
+    def count_bytes(self, mode: str, counted: Any) -> None:
+        m = self.gateway.metrics
+        if counted.up:
+            m.relayed_bytes.labels("up", mode).inc(counted.up)
+        if counted.down:
+            m.relayed_bytes.labels("down", mode).inc(counted.down)

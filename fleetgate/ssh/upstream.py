@@ -1,0 +1,51 @@
+"""The gateway's SSH client leg to a machine: host key verified, gateway key, nothing ambient.
+
+No ~/.ssh/config, no agent, no default identities: what the gateway presents and trusts
+upstream is exactly what the config says, so a stray file on the gateway host cannot
+change who it logs in as or which host keys it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncssh
+
+from ..backends.base import Address
+from ..config import GatewayConfig, MachineConfig
+
+CONNECT_TIMEOUT = 15.0
+
+
+class UpstreamError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _known_hosts(mc: MachineConfig):
+    if mc.host_keys:
+        return ([asyncssh.import_public_key(k) for k in mc.host_keys], [], [])
+    return str(mc.known_hosts)
+
+
+async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: GatewayConfig) -> asyncssh.SSHClientConnection:
+    """Open the upstream connection or raise UpstreamError with a sentence for the user."""
+    assert mc.identity is not None
+    try:
+        return await asyncssh.connect(
+            address.host, address.port,
+            username=upstream_user,
+            client_keys=[str(mc.identity)],
+            known_hosts=_known_hosts(mc),
+            config=None, agent_path=None, agent_forwarding=False,
+            password_auth=False, kbdint_auth=False, gss_auth=False, host_based_auth=False,
+            encryption_algs=list(gw.ciphers), compression_algs=None,
+            keepalive_interval=gw.keepalive_interval, keepalive_count_max=3,
+            connect_timeout=CONNECT_TIMEOUT,
+        )
+    except asyncssh.HostKeyNotVerifiable:
+        raise UpstreamError("host_key_mismatch", f"fleetgate: host key of {mc.name} changed; refusing to connect") from None
+    except asyncssh.PermissionDenied:
+        raise UpstreamError("upstream_auth", f"fleetgate: {mc.name} refused the gateway's key for {upstream_user}") from None
+    except (OSError, asyncssh.Error, TimeoutError) as exc:
+        raise UpstreamError("upstream_error", f"fleetgate: cannot reach {mc.name}: {exc}") from None
