@@ -238,7 +238,7 @@ def parse_host_port(value: str, default_host: str = "0.0.0.0") -> HostPort | Non
     if not port_s.isdigit():
         return None
     port = int(port_s)
-    if not 0 < port < 65536:
+    if not 0 <= port < 65536:
         return None
     return HostPort(host, port)
 

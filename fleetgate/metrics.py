@@ -66,6 +66,18 @@ class Metrics:
         self.channels = Counter(
             "fleetgate_channels", "Channels opened through the gateway by kind and result.", ["kind", "result"],
             registry=r)
+        self.reaper_last_run = Gauge(
+            "fleetgate_reaper_last_run_timestamp_seconds", "Unix time of the idle reaper's last completed pass.",
+            registry=r)
+        self.reaper_errors = Counter(
+            "fleetgate_reaper_errors", "Idle reaper passes that raised instead of completing.", registry=r)
+        self.audit_failures = Counter(
+            "fleetgate_audit_write_failures", "Audit log lines that could not be written.", registry=r)
+        self.machine_lost = Counter(
+            "fleetgate_machine_lost", "Machines found stopped or unreachable while fleetgate thought them running.",
+            ["backend"], registry=r)
+        self.leases = Gauge(
+            "fleetgate_keep_awake_leases", "Keep-awake leases currently held, per machine.", ["machine"], registry=r)
         self.upstream_failures = Counter(
             "fleetgate_upstream_failures", "Failed SSH connections from the gateway to machines, by reason.",
             ["reason"], registry=r)

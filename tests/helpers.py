@@ -1,0 +1,215 @@
+"""Shared test helpers: a real gateway (in-process or as `fleetgate demo`) and the real OpenSSH client.
+
+Every wait is bounded; nothing sleeps to synchronise where an event or a line of output
+can be awaited instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import trio
+
+from fleetgate import config as config_mod
+from fleetgate import demo
+from fleetgate.app import App, Running
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_ALIAS = "fleetgate-under-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Fleet:
+    """A demo fleet directory (keys, machines, fleetgate.toml) and a gateway over it."""
+
+    dir: Path
+    config_path: Path
+    running: Running | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None
+        return self.running.ssh_ports[0]
+
+    @property
+    def client_key(self) -> Path:
+        return self.dir / "client_key"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    def ssh_opts(self, port: int | None = None) -> list[str]:
+        """Options for the real OpenSSH client to reach the gateway and trust only its key."""
+        return [
+            "-p", str(port or self.port),
+            "-i", str(self.client_key),
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", f"HostKeyAlias={HOST_ALIAS}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes",
+            "-o", "ConnectTimeout=30",
+            "-F", "/dev/null",
+        ]
+
+    def ssh(self, user: str, *command: str, extra: Sequence[str] = ()) -> list[str]:
+        return ["ssh", *self.ssh_opts(), *extra, f"{user}@127.0.0.1", *command]
+
+    def scp_opts(self) -> list[str]:
+        opts = self.ssh_opts()
+        opts[0] = "-P"
+        return opts
+
+    def machine(self, name: str):
+        assert self.running is not None
+        return self.running.fleet.machines[name]
+
+    def backend_calls(self, op: str) -> float:
+        """How many backend calls of this op the gateway made (from its own metric)."""
+        assert self.running is not None
+        total = 0.0
+        for metric in self.running.metrics.registry.collect():
+            if metric.name == "fleetgate_backend_call_duration_seconds":
+                for s in metric.samples:
+                    if s.name.endswith("_count") and s.labels.get("op") == op:
+                        total += s.value
+        return total
+
+    def metric(self, name: str, **labels: str) -> float:
+        assert self.running is not None
+        value = self.running.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+def make_fleet(tmp_path: Path, *, boot_delay: float = 0.0, patch: Callable[[dict], None] | None = None,
+               port: int = 0) -> tuple[Fleet, config_mod.Config]:
+    """Write a demo fleet under tmp_path and return it with its (optionally patched) config."""
+    d = tmp_path / "fleet"
+    cfg_path = demo.prepare(d, port, None, boot_delay=boot_delay)
+    host_line = (d / "gateway_host_key.pub").read_text().strip()
+    with open(d / "known_hosts", "a") as f:
+        f.write(f"{HOST_ALIAS} {host_line}\n")
+    doc = tomllib.loads(cfg_path.read_text())
+    if patch is not None:
+        patch(doc)
+    cfg = config_mod.parse(doc, file=str(cfg_path), base_dir=d)
+    return Fleet(d, cfg_path), cfg
+
+
+async def start_gateway(nursery: trio.Nursery, fleet: Fleet, cfg: config_mod.Config, **app_kwargs: Any) -> Running:
+    app = App(cfg, **app_kwargs)
+    with trio.fail_after(30):
+        fleet.running = await nursery.start(app.run)
+    return fleet.running
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+async def run(argv: Sequence[str], *, timeout: float = 60, stdin: bytes | None = None,
+              env: dict[str, str] | None = None, cwd: str | Path | None = None) -> Result:
+    """Run a real program (ssh, scp, rsync, ...) without blocking the gateway's event loop."""
+    with trio.fail_after(timeout):
+        p = await trio.run_process(list(argv), capture_stdout=True, capture_stderr=True, check=False,
+                                   stdin=stdin if stdin is not None else b"",
+                                   env={**os.environ, **(env or {})}, cwd=cwd)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+class DemoProcess:
+    """`fleetgate demo` as a real subprocess, the way a user runs it."""
+
+    def __init__(self, state_dir: Path, *args: str):
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.args = ["--port", str(self.port), "--metrics-port", str(self.metrics_port),
+                     "--state-dir", str(state_dir), *args]
+        self.proc: trio.Process | None = None
+        self.log = state_dir.parent / "demo.log"
+
+    async def __aenter__(self) -> "DemoProcess":
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log, "wb")
+        self.proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "fleetgate", "demo", *self.args],
+            stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL)
+        logf.close()
+        assert self.proc.stdout is not None
+        buf = b""
+        with trio.fail_after(30):
+            while b"Ctrl-C stops" not in buf:
+                chunk = await self.proc.stdout.receive_some(4096)
+                if not chunk:
+                    raise RuntimeError(f"demo exited early:\n{self.log.read_text()}")
+                buf += chunk
+        self.banner = buf.decode()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(2)
+        with trio.move_on_after(30):
+            await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+    def ssh_opts(self) -> list[str]:
+        return [
+            "-p", str(self.port),
+            "-i", str(self.state_dir / "client_key"),
+            "-o", f"UserKnownHostsFile={self.state_dir / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+            "-F", "/dev/null",
+        ]
+
+    async def metrics(self) -> str:
+        import httpx
+
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10):
+                r = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        r.raise_for_status()
+        return r.text
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
