@@ -101,6 +101,9 @@ class MachineConfig:
     identity: Path | None
     boot_timeout: float
     options: Mapping[str, Any]
+    idle_timeout: float = 900.0
+    min_uptime: float = 60.0
+    stop_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,10 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
 
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
 def _check_key_line(line: str) -> str | None:
     """Return a problem with an OpenSSH public key line, or None."""
     import asyncssh
@@ -382,7 +389,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     # [machines.NAME]
     machines: dict[str, MachineConfig] = {}
-    common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout"}
+    common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout",
+              "idle_timeout", "min_uptime", "stop_timeout"}
     for name, mc in r.table(doc, "machines", "").items():
         prefix = f"machines.{name}."
         if not isinstance(mc, dict):
@@ -437,6 +445,9 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             identity=identity or upstream_key,
             boot_timeout=r.get(mc, "boot_timeout", prefix, float, 120.0, check=_positive),
             options=MappingProxyType(opts),
+            idle_timeout=r.get(mc, "idle_timeout", prefix, float, 900.0, check=_positive),
+            min_uptime=r.get(mc, "min_uptime", prefix, float, 60.0, check=_non_negative),
+            stop_timeout=r.get(mc, "stop_timeout", prefix, float, 60.0, check=_positive),
         )
 
     # [users.NAME]

@@ -105,6 +105,7 @@ class Fleet:
         self.machines: dict[str, Machine] = {}
         for name, mc in machines.items():
             backend = backends[mc.backend]
+            backend.on_machine_exited = self.machine_exited
             self.machines[name] = Machine(mc, backend)
             metrics.add_machine(name, backend.name)
             metrics.set_state(name, State.UNKNOWN.value)
@@ -159,9 +160,11 @@ class Fleet:
     def progress_line(self, m: Machine, elapsed: float | None) -> str:
         typical = m.typical_boot()
         usual = f", usually ~{typical:.0f} s" if typical is not None else ""
+        note = m.backend.progress_note(m.config)
+        note = f" ({note})" if note else ""
         if elapsed is None:
-            return f"fleetgate: starting {m.name} ({m.backend.config.type}){usual}"
-        return f"fleetgate: starting {m.name} ({m.backend.config.type}) ... {elapsed:.0f} s{usual}"
+            return f"fleetgate: starting {m.name} ({m.backend.config.type}){usual}{note}"
+        return f"fleetgate: starting {m.name} ({m.backend.config.type}) ... {elapsed:.0f} s{usual}{note}"
 
     async def acquire(self, name: str, progress: Progress | None = None) -> Lease:
         """Wait until the machine runs (waking it if needed) and hold it with a lease."""
@@ -272,6 +275,15 @@ class Fleet:
             m.last_activity = trio.current_time()
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
 
+    def machine_exited(self, name: str) -> None:
+        """A backend saw the machine die by itself: the next connection wakes it again."""
+        m = self.machines.get(name)
+        if m is None or m.state is not State.RUNNING:
+            return
+        log.warning("machine exited by itself machine=%s backend=%s sessions=%d", m.name, m.backend.name, m.sessions)
+        self.metrics.machine_lost.labels(m.backend.name).inc()
+        self._set_state(m, State.STOPPED)
+
     async def machine_lost(self, name: str) -> None:
         """Upstream could not be reached on a machine we thought running: ask the backend."""
         m = self.machines[name]
@@ -283,6 +295,7 @@ class Fleet:
             power = PowerState.UNKNOWN
         if power is not PowerState.RUNNING and m.state is State.RUNNING:
             log.warning("machine died under fleetgate machine=%s sessions=%d power=%s", m.name, m.sessions, power.value)
+            self.metrics.machine_lost.labels(m.backend.name).inc()
             self._set_state(m, State.STOPPED if power is PowerState.STOPPED else State.UNKNOWN)
 
     # -- stopping ------------------------------------------------------------------------

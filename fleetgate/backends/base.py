@@ -61,6 +61,13 @@ class Backend:
         self.name = config.name
         self.resolve = resolve
         self.state_dir = state_dir
+        # Set by the Fleet: a backend that notices a machine died by itself (its process
+        # exited, its tunnel dropped) calls this with the machine name, from trio code.
+        self.on_machine_exited: Callable[[str], None] = lambda name: None
+
+    def progress_note(self, machine: MachineConfig) -> str | None:
+        """Extra words for the user's progress line while this machine starts (e.g. a queue)."""
+        return None
 
     @classmethod
     def check_backend_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
