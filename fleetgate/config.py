@@ -277,6 +277,19 @@ def _read_key_file(reader: _Reader, path: Path | None, key: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
 
 
+def _check_private_key(reader: _Reader, path: Path | None, key: str) -> None:
+    """A .pub or passphrase-protected file here would pass a file check and then crash `serve`."""
+    if path is None or not path.is_file():
+        return
+    import asyncssh
+
+    try:
+        asyncssh.read_private_key(str(path))
+    except (asyncssh.KeyImportError, ValueError, OSError) as exc:
+        reader.error(key, f"{path} is not an unencrypted OpenSSH private key ({exc}); "
+                          f"point at the private key (not the .pub) or create one with 'fleetgate keygen PATH'")
+
+
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Load and validate a config file; raise ConfigError listing every problem."""
     path = Path(path)
@@ -318,16 +331,22 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         hp = r.host_port(item, f"gateway.listen[{i}]")
         if hp:
             listen.append(hp)
+    if g.get("listen") == []:
+        r.error("gateway.listen", "empty; list at least one HOST:PORT to accept SSH on, e.g. [\"0.0.0.0:2222\"]")
     host_keys = []
     for i, item in enumerate(r.str_list(g, "host_keys", "gateway.", required=True)):
         p = r.path(item)
         assert p is not None
         if not p.is_file():
             r.error(f"gateway.host_keys[{i}]", f"no such file {p}; create one with 'fleetgate keygen {p}'")
+        _check_private_key(r, p, f"gateway.host_keys[{i}]")
         host_keys.append(p)
+    if g.get("host_keys") == []:
+        r.error("gateway.host_keys", "empty; list at least one private key file; create one with 'fleetgate keygen PATH'")
     upstream_key = r.path(r.get(g, "upstream_key", "gateway.", str))
     if upstream_key is not None and not upstream_key.is_file():
         r.error("gateway.upstream_key", f"no such file {upstream_key}; create one with 'fleetgate keygen {upstream_key}'")
+    _check_private_key(r, upstream_key, "gateway.upstream_key")
     state_dir = r.path(r.get(g, "state_dir", "gateway.", str)) or (r.base_dir / "state")
     ciphers = r.str_list(g, "ciphers", "gateway.") or DEFAULT_CIPHERS
     for c in ciphers:
@@ -411,7 +430,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             address = r.host_port(a, f"{prefix}address", "127.0.0.1") if a else None
         host_keys_m = list(r.str_list(mc, "host_key", prefix))
         for i, line in enumerate(host_keys_m):
-            if line.startswith("/") or line.startswith("~") or line.startswith("."):
+            # A key line is "TYPE BASE64 [comment]"; a value without spaces is a .pub path.
+            if line.startswith(("/", "~", ".")) or not any(ch.isspace() for ch in line.strip()):
                 host_keys_m[i:i + 1] = _read_key_file(r, r.path(line), f"{prefix}host_key")
         for line in host_keys_m:
             problem = _check_key_line(line)
@@ -427,6 +447,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         identity = r.path(r.get(mc, "identity", prefix, str))
         if identity is not None and not identity.is_file():
             r.error(f"{prefix}identity", f"no such file {identity}")
+        _check_private_key(r, identity, f"{prefix}identity")
         if identity is None and gateway.upstream_key is None:
             r.error(f"{prefix}identity", "missing; set gateway.upstream_key or this machine's identity (the key fleetgate logs in with)")
         opts = {k: v for k, v in mc.items() if k in extra}
@@ -452,6 +473,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     # [users.NAME]
     users: dict[str, UserConfig] = {}
+    machines_doc = doc.get("machines") if isinstance(doc.get("machines"), dict) else {}
     for name, u in r.table(doc, "users", "").items():
         prefix = f"users.{name}."
         if not isinstance(u, dict):
@@ -472,7 +494,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         if "machines" in u and not ms:
             r.error(f"{prefix}machines", "must name at least one machine (the first is the default)")
         for mname in ms:
-            if mname not in machines and mname not in r.table(doc, "machines", ""):
+            if mname not in machines and mname not in machines_doc:
                 known = ", ".join(sorted(machines)) or "none defined"
                 r.error(f"{prefix}machines", f"no machine named '{mname}'; known: {known}")
         users[name] = UserConfig(name, tuple(keys), ms)

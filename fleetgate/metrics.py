@@ -100,6 +100,11 @@ class Metrics:
             self.machine_state.labels(machine, state).set(0)
         self.active_sessions.labels(machine).set(0)
         self.machine_idle.labels(machine).set(0)
+        self.boot_latency.labels(backend)
+        self.machine_lost.labels(backend)
+        for op in BACKEND_OPS:
+            for result in ("ok", "error"):
+                self.backend_calls.labels(backend, op, result)
         for reason in WAKE_FAILURE_REASONS:
             self.wake_failures.labels(backend, reason)
         for result in ("success", "failure"):

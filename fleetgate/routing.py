@@ -51,6 +51,9 @@ class TableRouter:
         u = self._users.get(user)
         if u is None:
             raise RoutingError(f"fleetgate: no machine for {user}")
+        if target == "":
+            # `alice+` is most likely an empty variable in a script: say so rather than guess.
+            raise RoutingError(f"fleetgate: no machine name after '{TARGET_SEPARATOR}' in {user}{TARGET_SEPARATOR}")
         machine = target or u.default_machine
         if machine not in u.machines or machine not in self._machines:
             raise RoutingError(f"fleetgate: {user} may not use {machine}")

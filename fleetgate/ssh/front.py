@@ -66,8 +66,7 @@ class FrontConnection(asyncssh.SSHServer):
             user, _ = split_login(username)
             ok = await original(user, key_data, msg, signature)
             if not ok:
-                if msg:
-                    self.gateway.metrics.auth_failures.labels("publickey").inc()
+                self.gateway.metrics.auth_failures.labels("publickey").inc()
                 return False
             if msg:  # the signature over the session id has been verified
                 await self._after_auth(username)
