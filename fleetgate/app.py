@@ -17,10 +17,12 @@ import trio
 import trio_asyncio
 
 from . import http
+from .admin import AdminAPI
 from .backends import BACKEND_TYPES, Backend
 from .config import Config, resolve_path
 from .fleet import Fleet
 from .metrics import Metrics
+from .reaper import Reaper
 from .routing import Router, TableRouter
 from .ssh.front import FrontConnection
 
@@ -106,7 +108,9 @@ class App:
         self.stop_machines_on_exit = stop_machines_on_exit
         self.metrics = Metrics()
 
-    def _http(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def _http(self, method: str, path: str, query: dict) -> tuple[int, str, bytes]:
+        if method not in ("GET", "HEAD"):
+            return 405, "text/plain", b"only GET\n"
         if path == "/metrics":
             return 200, http.CONTENT_TYPE_METRICS, self.metrics.exposition()
         if path == "/healthz":
@@ -117,6 +121,12 @@ class App:
         return 404, "text/plain", b"not found\n"
 
     _running: Running | None = None
+
+    async def _reconcile_loop(self, fleet: Fleet) -> None:
+        """Adopt machines started or stopped outside fleetgate, and notice ones that died."""
+        while True:
+            await trio.sleep(self.config.gateway.reconcile_interval)
+            await fleet.reconcile()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until `Running.shutdown` is set."""
@@ -130,6 +140,10 @@ class App:
                 metrics_port = None
                 try:
                     await trio_asyncio.aio_as_trio(gateway.start)()
+                    nursery.start_soon(self._reconcile_loop, fleet)
+                    await nursery.start(Reaper(fleet).run)
+                    if self.config.gateway.admin_socket is not None:
+                        await nursery.start(http.serve_unix, str(self.config.gateway.admin_socket), AdminAPI(fleet))
                     if self.config.metrics.listen is not None:
                         hp = self.config.metrics.listen
                         metrics_port = await nursery.start(http.serve, hp.host, hp.port, self._http)

@@ -82,6 +82,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1d' → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    factor = units.get(text[-1:], None)
+    number = text[:-1] if factor else text
+    try:
+        value = float(number) * (factor or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 90s, 15m, 2h or 1d") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return value
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, params: dict | None = None) -> int:
+    import json
+
+    import httpx
+
+    sock = args.admin_socket
+    if sock is None:
+        try:
+            sock = str(load(args.config).gateway.admin_socket)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=args.timeout) as client:
+            r = client.request(method, f"http://fleetgate{path}", params=params)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the gateway's admin socket {sock}: {exc}", file=sys.stderr)
+        return 1
+    body = r.json()
+    if r.status_code >= 400:
+        print(f"error: {body.get('error', r.text)}", file=sys.stderr)
+        return 1
+    if path == "/machines" and not args.json:
+        print(f"{'MACHINE':16} {'STATE':9} {'SESSIONS':>8} {'IDLE':>8} {'KEEP-AWAKE':>10}  BACKEND")
+        for m in body:
+            print(f"{m['machine']:16} {m['state']:9} {m['sessions']:>8} {m['idle_seconds']:>7.0f}s "
+                  f"{m['keep_awake_seconds']:>9.0f}s  {m['backend']}")
+    else:
+        print(json.dumps(body, indent=1))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _admin(args, "GET", "/machines")
+
+
+def cmd_wake(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/machines/{args.machine}/wake")
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/machines/{args.machine}/stop", {"force": "1"} if args.force else None)
+
+
+def cmd_keep_awake(args: argparse.Namespace) -> int:
+    return _admin(args, "POST", f"/machines/{args.machine}/keep-awake", {"seconds": str(args.duration)})
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .keys import ensure_key, public_line
 
@@ -116,6 +179,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--min-uptime", type=float, default=None, help="seconds a machine stays up at least")
     d.set_defaults(func=cmd_demo)
 
+    def admin_parser(name: str, help: str) -> argparse.ArgumentParser:
+        a = sub.add_parser(name, help=help)
+        a.add_argument("-c", "--config", help="the gateway's config (to find its admin socket)")
+        a.add_argument("--admin-socket", help="the gateway's admin socket (default: from the config)")
+        a.add_argument("--timeout", type=float, default=300.0)
+        a.add_argument("--json", action="store_true")
+        return a
+
+    a = admin_parser("status", "list machines with state, sessions, idle time and leases")
+    a.set_defaults(func=cmd_status)
+    a = admin_parser("wake", "start a machine now and wait until it answers")
+    a.add_argument("machine")
+    a.set_defaults(func=cmd_wake)
+    a = admin_parser("stop", "stop a machine (refused while it has sessions unless --force)")
+    a.add_argument("machine")
+    a.add_argument("--force", action="store_true")
+    a.set_defaults(func=cmd_stop)
+    a = admin_parser("keep-awake", "hold a machine up (and wake it) for DURATION, e.g. 2h")
+    a.add_argument("machine")
+    a.add_argument("duration", type=parse_duration)
+    a.set_defaults(func=cmd_keep_awake)
+
     k = sub.add_parser("keygen", help="write a new ed25519 key (and .pub) for host_keys or upstream_key")
     k.add_argument("path")
     k.set_defaults(func=cmd_keygen)
@@ -123,5 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", "unset") is None and getattr(args, "admin_socket", "unset") is None:
+        parser.error("give -c CONFIG or --admin-socket PATH")
     return args.func(args)

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from .schedule import ScheduleError, parse_rule
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -65,6 +67,8 @@ class GatewayConfig:
     window: int = 8 * 1024 * 1024
     max_packet: int = 256 * 1024
     forwarding: str = "local"
+    admin_socket: Path | None = None
+    reconcile_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class MachineConfig:
     idle_timeout: float = 900.0
     min_uptime: float = 60.0
     stop_timeout: float = 60.0
+    warm: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     # [gateway]
     g = r.table(doc, "gateway", "", required=True)
     r.unknown_keys(g, {"listen", "host_keys", "upstream_key", "state_dir", "login_grace",
-                       "keepalive_interval", "ciphers", "window", "max_packet", "forwarding"}, "gateway.")
+                       "keepalive_interval", "ciphers", "window", "max_packet", "forwarding",
+                       "admin_socket", "reconcile_interval"}, "gateway.")
     listen = []
     for i, item in enumerate(r.str_list(g, "listen", "gateway.", required=True)):
         hp = r.host_port(item, f"gateway.listen[{i}]")
@@ -368,6 +374,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                          check=lambda v: None if v in ("local", "any", "none") else
                          f"must be 'local' (-L to the machine's own services), 'any' (the machine's sshd decides) "
                          f"or 'none', got '{v}'"),
+        admin_socket=r.path(r.get(g, "admin_socket", "gateway.", str)) or (state_dir / "admin.sock"),
+        reconcile_interval=r.get(g, "reconcile_interval", "gateway.", float, 30.0, check=_positive),
     )
 
     # [metrics]
@@ -409,7 +417,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     # [machines.NAME]
     machines: dict[str, MachineConfig] = {}
     common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout",
-              "idle_timeout", "min_uptime", "stop_timeout"}
+              "idle_timeout", "min_uptime", "stop_timeout", "warm"}
     for name, mc in r.table(doc, "machines", "").items():
         prefix = f"machines.{name}."
         if not isinstance(mc, dict):
@@ -450,6 +458,12 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         _check_private_key(r, identity, f"{prefix}identity")
         if identity is None and gateway.upstream_key is None:
             r.error(f"{prefix}identity", "missing; set gateway.upstream_key or this machine's identity (the key fleetgate logs in with)")
+        warm_rules = []
+        for i, rule in enumerate(r.str_list(mc, "warm", prefix)):
+            try:
+                warm_rules.append(parse_rule(rule))
+            except ScheduleError as exc:
+                r.error(f"{prefix}warm[{i}]", str(exc))
         opts = {k: v for k, v in mc.items() if k in extra}
         if bconf:
             for problem_key, problem in BACKEND_TYPES[bconf.type].check_machine_options(opts, r.path):
@@ -469,6 +483,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             idle_timeout=r.get(mc, "idle_timeout", prefix, float, 900.0, check=_positive),
             min_uptime=r.get(mc, "min_uptime", prefix, float, 60.0, check=_non_negative),
             stop_timeout=r.get(mc, "stop_timeout", prefix, float, 60.0, check=_positive),
+            warm=tuple(warm_rules),
         )
 
     # [users.NAME]

@@ -50,6 +50,8 @@ def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: fl
             name, _, p = line.partition("=")
             ports[name] = int(p)
     machines = []
+    timeouts = "".join(f"{k} = {v:g}\n" for k, v in (("idle_timeout", idle_timeout), ("min_uptime", min_uptime))
+                       if v is not None)
     for name in DEMO_USERS:
         mdir = d / "machines" / name
         mkey = ensure_key(mdir / "ssh_host_ed25519_key", f"fleetgate-demo-{name}")
@@ -66,7 +68,7 @@ port = {ports[name]}
 host_key_file = "machines/{name}/ssh_host_ed25519_key"
 authorized_keys_file = "machines/{name}/authorized_keys"
 boot_timeout = {max(30.0, boot_delay + 30):g}
-""")
+{timeouts}""")
     (d / "known_hosts").write_text("".join(line + "\n" for line in known))
     ports_file.write_text("".join(f"{k}={v}\n" for k, v in ports.items()))
     users = "".join(f"""

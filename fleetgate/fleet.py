@@ -33,6 +33,7 @@ Progress = Callable[[str], None]
 
 PROGRESS_INTERVAL = 2.0
 FAILURE_COOLDOWN = 5.0
+RECONCILE_CALL_TIMEOUT = 30.0
 BOOT_HISTORY = 10
 
 
@@ -78,6 +79,8 @@ class Machine:
         self.changed = trio.Event()
         self.start_calls = 0
         self.stop_calls = 0
+        self.keep_until = 0.0
+        self.stop_error: str | None = None
 
     def typical_boot(self) -> float | None:
         return statistics.median(self.boot_history) if self.boot_history else None
@@ -99,8 +102,10 @@ class Lease:
 
 class Fleet:
     def __init__(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend],
-                 metrics: Metrics, nursery: trio.Nursery):
+                 metrics: Metrics, nursery: trio.Nursery,
+                 ready_probe: Callable[[Address], Awaitable[object]] = probe.wait_for_banner):
         self.metrics = metrics
+        self._ready_probe = ready_probe
         self._nursery = nursery
         self.machines: dict[str, Machine] = {}
         for name, mc in machines.items():
@@ -131,28 +136,34 @@ class Fleet:
             self.metrics.backend_calls.labels(m.backend.name, op, result).observe(trio.current_time() - t0)
 
     async def reconcile(self) -> None:
-        """Ask every backend for the real state; running machines get a full idle grace."""
-        now = trio.current_time()
+        """Ask every backend for the real state; adopted running machines get a full idle grace.
+
+        A backend call is a checkpoint: if the machine's state changed meanwhile (a wake or
+        a stop of ours began), our answer is stale and that machine is left alone.
+        """
         for m in self.machines.values():
-            if m.state not in (State.UNKNOWN, State.RUNNING, State.STOPPED):
+            before = m.state
+            if before not in (State.UNKNOWN, State.RUNNING, State.STOPPED):
                 continue  # a wake or stop of ours is in flight; it knows better
             try:
-                power = await self._call(m, "status", lambda: m.backend.status(m.config))
-            except Exception as exc:  # a lying or dead backend must not stop the gateway
-                log.warning("status failed machine=%s backend=%s error=%s", m.name, m.backend.name, exc)
+                with trio.fail_after(RECONCILE_CALL_TIMEOUT):
+                    power = await self._call(m, "status", lambda: m.backend.status(m.config))
+                    address = (await self._call(m, "address", lambda: m.backend.address(m.config))
+                               if power is PowerState.RUNNING and before is not State.RUNNING else None)
+            except Exception as exc:  # a lying, failing or hanging backend must not stop the gateway
+                log.warning("status failed machine=%s backend=%s error=%r", m.name, m.backend.name, exc)
                 continue
-            if power is PowerState.RUNNING and m.state is not State.RUNNING:
-                try:
-                    m.address = await self._call(m, "address", lambda: m.backend.address(m.config))
-                except Exception as exc:
-                    log.warning("address failed machine=%s error=%s", m.name, exc)
-                    continue
-                m.started_at = m.last_activity = now
-                log.info("adopted running machine=%s", m.name)
+            if m.state is not before:
+                continue
+            if power is PowerState.RUNNING and before is not State.RUNNING:
+                m.address = address
+                m.started_at = m.last_activity = trio.current_time()
+                log.info("adopted running machine=%s (full idle grace)", m.name)
                 self._set_state(m, State.RUNNING)
-            elif power is PowerState.STOPPED and m.state is not State.STOPPED:
-                if m.state is State.RUNNING:
+            elif power is PowerState.STOPPED and before is not State.STOPPED:
+                if before is State.RUNNING:
                     log.warning("machine stopped outside fleetgate machine=%s sessions=%d", m.name, m.sessions)
+                    self.metrics.machine_lost.labels(m.backend.name).inc()
                 self._set_state(m, State.STOPPED)
 
     # -- waking --------------------------------------------------------------------------
@@ -178,6 +189,10 @@ class Fleet:
                     progress(f"fleetgate: {m.name} is stopping; it will be started again for you")
                     said_stopping = True
                 await m.changed.wait()
+                if m.state is State.UNKNOWN and m.stop_error:
+                    self.metrics.wake_failures.labels(m.backend.name, "stop_failed").inc()
+                    raise WakeError("stop_failed", f"fleetgate: {m.name} was being stopped and the stop failed "
+                                                   f"({m.stop_error}); try again in a moment")
                 continue
             if m.state is State.FAILED:
                 left = m.failed_at + FAILURE_COOLDOWN - trio.current_time()
@@ -217,7 +232,7 @@ class Fleet:
                 m.start_calls += 1
                 await self._call(m, "start", lambda: m.backend.start(cfg))
                 address = await self._call(m, "address", lambda: m.backend.address(cfg))
-                await probe.wait_for_banner(address)
+                await self._ready_probe(address)
         except trio.TooSlowError:
             error = WakeError("boot_timeout", f"fleetgate: {m.name} did not answer within {cfg.boot_timeout:g} s")
         except BackendError as exc:
@@ -298,26 +313,94 @@ class Fleet:
             self.metrics.machine_lost.labels(m.backend.name).inc()
             self._set_state(m, State.STOPPED if power is PowerState.STOPPED else State.UNKNOWN)
 
+    # -- keep-awake ---------------------------------------------------------------------
+
+    def keep_awake(self, name: str, seconds: float) -> float:
+        """Hold a machine up for `seconds` from now (and wake it if stopped); returns the expiry."""
+        m = self.machines[name]
+        until = trio.current_time() + seconds
+        m.keep_until = max(m.keep_until, until)
+        self._update_lease_gauge(m)
+        log.info("keep-awake machine=%s seconds=%.0f", m.name, seconds)
+        self.wake_in_background(name)
+        return m.keep_until
+
+    def _update_lease_gauge(self, m: Machine) -> None:
+        self.metrics.leases.labels(m.name).set(1 if m.keep_until > trio.current_time() else 0)
+
+    def wake_in_background(self, name: str) -> None:
+        """Start a wake nobody waits for (keep-awake, warm schedules); failures are counted as usual."""
+        m = self.machines[name]
+        if m.state in (State.STOPPED, State.UNKNOWN) or (
+                m.state is State.FAILED and trio.current_time() - m.failed_at >= FAILURE_COOLDOWN):
+            self._begin_wake(m)
+
     # -- stopping ------------------------------------------------------------------------
 
-    async def stop(self, name: str, *, only_if_idle_for: float | None = None) -> bool:
-        """Stop a machine; with only_if_idle_for, only if it has no session and has been idle that long.
+    def idle_for(self, m: Machine) -> float:
+        """Seconds since the machine's last session ended (0 while one is open)."""
+        if m.state is not State.RUNNING or m.sessions:
+            return 0.0
+        return max(0.0, trio.current_time() - m.last_activity)
 
-        The check and the transition to `stopping` happen without a checkpoint between them.
+    def stop_blocker(self, m: Machine, warm: bool = False) -> str | None:
+        """Why the reaper must not stop this machine now, or None if it may."""
+        now = trio.current_time()
+        if m.state is not State.RUNNING:
+            return "not running"
+        if m.sessions:
+            return "in use"
+        if now - m.last_activity < m.config.idle_timeout:
+            return "idle timeout not reached"
+        if now - m.started_at < m.config.min_uptime:
+            return "minimum uptime not reached"
+        if m.keep_until > now:
+            return "keep-awake lease"
+        if warm:
+            return "warm schedule"
+        return None
+
+    async def stop(self, name: str, *, reaper: bool = False, warm: bool = False) -> bool:
+        """Stop a machine. With reaper=True only if stop_blocker() finds nothing.
+
+        The check and the transition to `stopping` happen with no checkpoint between
+        them, so a connection can never slip in between. Stop is graceful first and
+        forced after the machine's stop_timeout.
         """
         m = self.machines[name]
-        if m.state is not State.RUNNING:
-            return False
-        if only_if_idle_for is not None:
-            if m.sessions or trio.current_time() - m.last_activity < only_if_idle_for:
+        if reaper:
+            if self.stop_blocker(m, warm) is not None:
                 return False
+        elif m.state is not State.RUNNING:
+            return False
         self._set_state(m, State.STOPPING)
+        m.stop_error = None
+        cfg = m.config
+        t0 = trio.current_time()
+        result = "success"
         try:
             m.stop_calls += 1
-            await self._call(m, "stop", lambda: m.backend.stop(m.config))
-        except BaseException:
+            with trio.move_on_after(cfg.stop_timeout) as graceful:
+                await self._call(m, "stop", lambda: m.backend.stop(cfg))
+            if graceful.cancelled_caught:
+                log.warning("graceful stop timed out machine=%s after=%.0fs; forcing", m.name, cfg.stop_timeout)
+                with trio.fail_after(cfg.stop_timeout):
+                    await self._call(m, "stop", lambda: m.backend.force_stop(cfg))
+        except (Exception, trio.TooSlowError) as exc:
+            result = "failure"
+            m.stop_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.warning("stop failed machine=%s backend=%s error=%s", m.name, m.backend.name, m.stop_error)
+            self._set_state(m, State.UNKNOWN)
+            return False
+        except BaseException:  # cancelled (shutdown): we no longer know what the backend did
+            result = "failure"
             self._set_state(m, State.UNKNOWN)
             raise
+        finally:
+            if reaper:
+                self.metrics.reaper_stops.labels(m.backend.name, result).inc()
+        log.info("machine stopped machine=%s by=%s seconds=%.1f", m.name, "reaper" if reaper else "request",
+                 trio.current_time() - t0)
         self._set_state(m, State.STOPPED)
         return True
 

@@ -1,14 +1,17 @@
-"""A tiny trio-native HTTP server for /metrics, /healthz and /readyz.
+"""A tiny trio-native HTTP server for /metrics, /healthz, /readyz and the admin API.
 
 prometheus-client's own server runs in a thread; this one is a task of the main
 nursery like everything else, so it starts and stops with the gateway. Requests are
-bounded in size and time, and only GET/HEAD of three paths is understood.
+bounded in size and time; bodies are not read (the admin API takes query parameters).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import os
+import socket
+from typing import Awaitable, Callable
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 
@@ -18,17 +21,19 @@ MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 5.0
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
-Handler = Callable[[str, str], tuple[int, str, bytes]]
+Response = tuple[int, str, bytes]
+Handler = Callable[[str, str, dict[str, list[str]]], Awaitable[Response]]
+REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _response(status: int, ctype: str, body: bytes, head: bool) -> bytes:
-    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
-    lines = [f"HTTP/1.1 {status} {reason.get(status, 'Error')}", f"Content-Type: {ctype}",
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
              f"Content-Length: {len(body)}", "Connection: close", "", ""]
     return "\r\n".join(lines).encode() + (b"" if head else body)
 
 
-async def _handle(stream: trio.SocketStream, handler: Handler) -> None:
+async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
     buf = b""
     with trio.move_on_after(REQUEST_TIMEOUT):
         while b"\r\n\r\n" not in buf and len(buf) < MAX_REQUEST:
@@ -44,27 +49,56 @@ async def _handle(stream: trio.SocketStream, handler: Handler) -> None:
     except (ValueError, UnicodeDecodeError):
         out = _response(400, "text/plain", b"bad request\n", False)
     else:
-        if method not in ("GET", "HEAD"):
-            out = _response(405, "text/plain", b"only GET\n", False)
-        else:
-            status, ctype, body = handler(method, target.split("?", 1)[0])
-            out = _response(status, ctype, body, method == "HEAD")
+        url = urlsplit(target)
+        try:
+            status, ctype, body = await handler(method, url.path, parse_qs(url.query))
+        except Exception:
+            log.exception("http handler failed method=%s path=%s", method, url.path)
+            status, ctype, body = 500, "text/plain", b"internal error\n"
+        out = _response(status, ctype, body, method == "HEAD")
     try:
         await stream.send_all(out)
     except (trio.BrokenResourceError, OSError):
         pass
 
 
-async def serve(host: str, port: int, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; task_status.started() gets the bound port (for port 0)."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    log.info("metrics listening address=%s:%s", host, bound)
-
-    async def one(stream: trio.SocketStream) -> None:
+async def _serve(listeners: list, handler: Handler) -> None:
+    async def one(stream: trio.abc.Stream) -> None:
         async with stream:
             await _handle(stream, handler)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.serve_listeners, one, listeners)
-        task_status.started(bound)
+    await trio.serve_listeners(one, listeners)
+
+
+async def serve(host: str, port: int, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve TCP until cancelled; task_status.started() gets the bound port (for port 0)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("http listening address=%s:%s", host, bound)
+    task_status.started(bound)
+    await _serve(listeners, handler)
+
+
+async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve on a unix socket only its owner can use (mode 0600): the admin API."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    old = os.umask(0o177)
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(64)
+    log.info("admin api listening socket=%s", path)
+    task_status.started(path)
+    try:
+        await _serve([trio.SocketListener(sock)], handler)
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

@@ -85,6 +85,10 @@ class Backend:
     async def stop(self, machine: MachineConfig) -> None:
         raise NotImplementedError
 
+    async def force_stop(self, machine: MachineConfig) -> None:
+        """Called when a graceful stop() outlived the machine's stop_timeout; default: stop() again."""
+        await self.stop(machine)
+
     async def status(self, machine: MachineConfig) -> PowerState:
         raise NotImplementedError
 
