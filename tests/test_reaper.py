@@ -232,3 +232,22 @@ async def test_progress_lines_carry_elapsed_and_eta(nursery, autojump_clock):
     second: list[str] = []
     (await fleet.acquire("alice", second.append)).release()
     assert second[0] == "fleetgate: starting alice (fake), usually ~7 s"
+
+
+async def test_reconcile_adopts_outside_starts_and_reports_outside_stops(nursery, autojump_clock):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("alice", idle_timeout=60, min_uptime=0))
+    await fleet.reconcile()
+    m = fleet.machines["alice"]
+    assert m.state is State.STOPPED
+    backend.power["alice"] = PowerState.RUNNING  # someone started it by hand
+    await fleet.reconcile()
+    assert m.state is State.RUNNING
+    lease = fleet.try_acquire("alice")
+    backend.power["alice"] = PowerState.STOPPED  # and it died under a session
+    await fleet.reconcile()
+    assert m.state is State.STOPPED
+    assert fleet.metrics.machine_lost.labels("fake")._value.get() == 1
+    lease.release()
+    (await fleet.acquire("alice")).release()  # the next connection wakes it again
+    assert backend.count("start") == 1 and m.state is State.RUNNING

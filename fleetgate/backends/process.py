@@ -38,7 +38,7 @@ def find_sshd() -> str | None:
 
 class ProcessBackend(Backend):
     TYPE = "process"
-    BACKEND_OPTIONS = ("sshd", "start_delay", "stop_timeout")
+    BACKEND_OPTIONS = ("sshd", "start_delay", "stop_delay", "stop_timeout")
     MACHINE_OPTIONS = ("port", "host_key_file", "authorized_keys_file", "accept_env")
     PROVIDES_ADDRESS = True
 
@@ -49,7 +49,7 @@ class ProcessBackend(Backend):
             yield "sshd", f"'{sshd}' is not an executable sshd"
         elif sshd is None and find_sshd() is None:
             yield "sshd", "no sshd found on this machine; install openssh-server or set sshd = PATH"
-        for key in ("start_delay", "stop_timeout"):
+        for key in ("start_delay", "stop_delay", "stop_timeout"):
             v = opts.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
                 yield key, f"must be a number of seconds >= 0, got {v!r}"
@@ -78,7 +78,9 @@ class ProcessBackend(Backend):
     def __init__(self, config, resolve, state_dir: Path):
         super().__init__(config, resolve, state_dir)
         self.sshd = config.options.get("sshd") or find_sshd() or "/usr/sbin/sshd"
+        # Demo knobs: make a start or stop take as long as a real VM's, to watch the lifecycle.
         self.start_delay = float(config.options.get("start_delay", 0))
+        self.stop_delay = float(config.options.get("stop_delay", 0))
         self.stop_timeout = float(config.options.get("stop_timeout", 5))
         self._procs: dict[str, trio.Process] = {}
 
@@ -164,6 +166,8 @@ MaxSessions 100
                  machine.options["port"])
 
     async def stop(self, machine: MachineConfig) -> None:
+        if self.stop_delay:
+            await trio.sleep(self.stop_delay)
         proc = self._procs.pop(machine.name, None)
         pid = proc.pid if proc is not None else self._live_pid(machine)
         if pid is None:
