@@ -76,7 +76,8 @@ class Machine:
         self.wake: _Wake | None = None
         self.failure: WakeError | None = None
         self.failed_at = 0.0
-        self.changed = trio.Event()
+        self.changed = trio.Event()           # set (and replaced) on every state change
+        self.sessions_changed = trio.Event()  # set (and replaced) on every lease taken or released
         self.start_calls = 0
         self.stop_calls = 0
         self.keep_until = 0.0
@@ -280,6 +281,7 @@ class Fleet:
         m.sessions += 1
         m.last_activity = trio.current_time()
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
+        self._sessions_changed(m)
         self.metrics.machine_idle.labels(m.name).set(0)
         return Lease(self, m)
 
@@ -289,6 +291,18 @@ class Fleet:
         if m.sessions == 0:
             m.last_activity = trio.current_time()
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
+        self._sessions_changed(m)
+
+    @staticmethod
+    def _sessions_changed(m: Machine) -> None:
+        m.sessions_changed.set()
+        m.sessions_changed = trio.Event()
+
+    @staticmethod
+    async def wait_sessions(m: Machine, count: int) -> None:
+        """Wait until the machine holds exactly `count` sessions (callers bound the wait)."""
+        while m.sessions != count:
+            await m.sessions_changed.wait()
 
     def machine_exited(self, name: str) -> None:
         """A backend saw the machine die by itself: the next connection wakes it again."""
@@ -373,6 +387,8 @@ class Fleet:
                 return False
         elif m.state is not State.RUNNING:
             return False
+        else:
+            m.keep_until = 0.0  # an explicit stop ends any keep-awake lease
         self._set_state(m, State.STOPPING)
         m.stop_error = None
         cfg = m.config

@@ -51,6 +51,8 @@ class FrontConnection(asyncssh.SSHServer):
         self._jump_only = True
         self._pipes: set[Pipe] = set()
         self._leases: set[Lease] = set()
+        self.bytes_up = 0
+        self.bytes_down = 0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -96,14 +98,21 @@ class FrontConnection(asyncssh.SSHServer):
         if self._lease is not None:
             self._lease.release()
         if self._authorized:
-            self.gateway.metrics.session_duration.observe(time.monotonic() - self._t0)
+            seconds = time.monotonic() - self._t0
+            self.gateway.metrics.session_duration.observe(seconds)
             log.info("connection closed user=%s machine=%s peer=%s seconds=%.1f",
-                     self.target.user if self.target else "?", self.target_machine, self.peer,
-                     time.monotonic() - self._t0)
+                     self.target.user if self.target else "?", self.target_machine, self.peer, seconds)
+            self._audit("session_end", mode="relay", bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                        seconds=round(seconds, 3), result="error" if exc else "closed")
         elif not self._closed_counted:
             self.gateway.metrics.connections.labels("closed_preauth").inc()
 
     _closed_counted = False
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        self.gateway.audit.write(event, user=self.target.user if self.target else split_login(self.login)[0],
+                                 login=self.login, machine=fields.pop("machine", self.target_machine),
+                                 source=self.peer, **fields)
 
     def _count(self, result: str) -> None:
         self._closed_counted = True
@@ -133,6 +142,7 @@ class FrontConnection(asyncssh.SSHServer):
     def _refuse(self, result: str, message: str) -> None:
         """Tell the (authenticated) user why, then disconnect."""
         self._count(result)
+        self._audit("session_refused", mode="relay", result=result, reason=message)
         self._banner(message)
         raise asyncssh.ServiceNotAvailable(message)
 
@@ -182,6 +192,7 @@ class FrontConnection(asyncssh.SSHServer):
             return
         self._authorized = True
         self._count("authenticated")
+        self._audit("session_start", mode="relay")
         log.info("connection authenticated user=%s machine=%s peer=%s", user, target.machine, self.peer)
 
     # -- channels -------------------------------------------------------------------------
@@ -256,11 +267,15 @@ class FrontConnection(asyncssh.SSHServer):
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "connection closed")
         self._leases.add(lease)
         original_done = pipe._on_done
+        t0 = time.monotonic()
+        self._audit("session_start", mode="jump", machine=machine)
 
         def done(p: Pipe) -> None:
             original_done(p)
             self._leases.discard(lease)
             lease.release()
+            self._audit("session_end", mode="jump", machine=machine, bytes_up=p.bytes.up, bytes_down=p.bytes.down,
+                        seconds=round(time.monotonic() - t0, 3), result="closed")
 
         pipe._on_done = done
         gw.metrics.channels.labels("jump", "ok").inc()
@@ -317,6 +332,9 @@ class FrontConnection(asyncssh.SSHServer):
         return listener
 
     def count_bytes(self, mode: str, counted: Any) -> None:
+        if mode != "jump":  # a jump channel is its own audited session
+            self.bytes_up += counted.up
+            self.bytes_down += counted.down
         m = self.gateway.metrics
         if counted.up:
             m.relayed_bytes.labels("up", mode).inc(counted.up)
