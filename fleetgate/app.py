@@ -9,6 +9,9 @@ connections (so asyncio prints no unclosed-transport warnings), then, only if as
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,15 +19,17 @@ import asyncssh
 import trio
 import trio_asyncio
 
-from . import http
+from . import http, passthrough
 from .admin import AdminAPI
+from .audit import AuditLog
 from .backends import BACKEND_TYPES, Backend
-from .config import Config, resolve_path
+from .config import Config, ConfigError, load, resolve_path
 from .fleet import Fleet
 from .metrics import Metrics
 from .reaper import Reaper
 from .routing import Router, TableRouter
 from .ssh.front import FrontConnection
+from .ssh.limits import LimitsConfig, PreauthLimiter
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +44,49 @@ def build_backends(config: Config) -> dict[str, Backend]:
 class Gateway:
     """The asyncssh listeners and what every FrontConnection shares."""
 
-    def __init__(self, config: Config, fleet: Fleet, router: Router, metrics: Metrics):
+    def __init__(self, config: Config, fleet: Fleet, router: Router, metrics: Metrics,
+                 audit: AuditLog | None = None):
         self.config = config
+        self.audit = audit or AuditLog(None, metrics)
         self.fleet = fleet
         self.router = router
         self.metrics = metrics
         self.connections: set[FrontConnection] = set()
+        self.connections_changed = trio.Event()
         self.no_keys: frozenset[bytes] = frozenset()
+        self.host_keys = [asyncssh.read_private_key(str(p)) for p in config.gateway.host_keys]
+        self.limiter = PreauthLimiter(config.limits or LimitsConfig(),
+                                      count=lambda reason: metrics.preauth_refusals.labels(reason).inc())
+        self.apply(config, router)
+        self._servers: list[asyncssh.SSHAcceptor] = []
+        self.ports: list[int] = []
+        self.inherited_sockets: list[socket.socket] = []
+
+    def apply(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded config for new connections; live connections keep what they have."""
+        self.config = config
+        self.router = router
         self.user_keys = {
             name: frozenset(asyncssh.import_public_key(k).public_data for k in u.authorized_keys)
             for name, u in config.users.items()
         }
         self.ca_keys = frozenset(asyncssh.import_public_key(k).public_data for k in config.user_ca_keys)
-        self.host_keys = [asyncssh.read_private_key(str(p)) for p in config.gateway.host_keys]
-        self._servers: list[asyncssh.SSHAcceptor] = []
-        self.ports: list[int] = []
+        ca = config.gateway.upstream_ca_key
+        self.upstream_ca = asyncssh.read_private_key(str(ca)) if ca is not None else None
+        limits = config.limits or LimitsConfig()
+        if limits != self.limiter.config:
+            self.limiter = PreauthLimiter(limits, count=self.limiter._count)
 
     async def start(self) -> None:
         """asyncio side: open every listener."""
         g = self.config.gateway
-        max_boot = max((m.boot_timeout for m in self.config.machines.values()), default=0)
-        for hp in g.listen:
+        max_boot = max([600.0, *(m.boot_timeout for m in self.config.machines.values())])
+        # systemd socket activation hands us the listening sockets; otherwise we open our own.
+        places = [{"sock": sock} for sock in self.inherited_sockets] or \
+                 [{"host": hp.host, "port": hp.port} for hp in g.listen]
+        for place in places:
             server = await asyncssh.create_server(
-                lambda: FrontConnection(self), hp.host, hp.port,
+                lambda: FrontConnection(self), **place,
                 server_host_keys=self.host_keys,
                 encryption_algs=list(g.ciphers), compression_algs=None,
                 # Our own grace timer bounds pre-auth time; asyncssh's is only a backstop
@@ -70,12 +95,29 @@ class Gateway:
                 keepalive_interval=g.keepalive_interval, keepalive_count_max=3,
                 line_editor=False, encoding=None, allow_pty=True, agent_forwarding=True,
                 x11_forwarding=False, password_auth=False, kbdint_auth=False, gss_host=None,
-                host_based_auth=False, reuse_address=True,
+                host_based_auth=False, **({} if "sock" in place else {"reuse_address": True}),
             )
             self._servers.append(server)
             for sock in server.sockets:
                 self.ports.append(sock.getsockname()[1])
         log.info("ssh listening ports=%s", self.ports)
+
+    def add_connection(self, c: FrontConnection) -> None:
+        self.connections.add(c)
+
+    def remove_connection(self, c: FrontConnection) -> None:
+        self.connections.discard(c)
+        self.connections_changed.set()
+        self.connections_changed = trio.Event()
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    def notify_all(self, text: str) -> None:
+        """A line on the stderr of every open session (and a banner to anyone still logging in)."""
+        for c in list(self.connections):
+            c.notify(text)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -100,13 +142,86 @@ class Running:
     ssh_ports: list[int]
     metrics_port: int | None
     shutdown: trio.Event = field(default_factory=trio.Event)
+    passthrough_ports: dict[str, int] = field(default_factory=dict)
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd socket activation (LISTEN_FDS, sd_listen_fds(3))."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)  # not for our children
+    return [socket.socket(fileno=3 + i) for i in range(count)]
 
 
 class App:
-    def __init__(self, config: Config, *, stop_machines_on_exit: bool = False):
+    def __init__(self, config: Config, *, stop_machines_on_exit: bool = False,
+                 sockets: list[socket.socket] | None = None):
         self.config = config
         self.stop_machines_on_exit = stop_machines_on_exit
+        self.sockets = sockets or []
         self.metrics = Metrics()
+        self._backends: dict[str, Backend] = {}
+
+    def reload(self) -> bool:
+        """Re-read the config file (SIGHUP). New users, machines and routes apply to new
+        connections; live sessions continue. A broken file changes nothing."""
+        running = self._running
+        assert running is not None
+        try:
+            new = load(self.config.path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("reload rejected, old config stays in force: %s", issue)
+            self.metrics.config_reloads.labels("failure").inc()
+            return False
+        if new.gateway.listen != self.config.gateway.listen or new.metrics != self.config.metrics:
+            log.warning("reload: listen addresses changed; they apply after a restart")
+        resolve = partial(resolve_path, new.base_dir)
+        backends = {}
+        for name, b in new.backends.items():
+            old = self._backends.get(name)
+            backends[name] = old if old is not None and old.config == b else \
+                BACKEND_TYPES[b.type](b, resolve, new.gateway.state_dir)
+        running.fleet.apply(new.machines, backends)
+        running.gateway.apply(new, TableRouter(new.users, new.machines))
+        self._backends = backends
+        self.config = new
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("config reloaded users=%d machines=%d", len(new.users), len(new.machines))
+        return True
+
+    async def drain(self) -> None:
+        """SIGTERM: stop accepting, tell users, let sessions finish up to drain_timeout."""
+        running = self._running
+        assert running is not None
+        gw = running.gateway
+        gw.stop_listening()
+        timeout = self.config.gateway.drain_timeout
+        log.info("draining connections=%d timeout=%.0fs", len(gw.connections), timeout)
+        gw.notify_all(f"fleetgate: the gateway is shutting down; this session will be closed within {timeout:.0f} s")
+        with trio.move_on_after(timeout):
+            while gw.connections:
+                await gw.connections_changed.wait()
+        if gw.connections:
+            log.warning("drain timeout: closing connections=%d", len(gw.connections))
+        running.shutdown.set()
+
+    async def handle_signals(self) -> None:
+        """SIGHUP reloads; SIGTERM and SIGINT drain, then shut down."""
+        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading %s", self.config.path)
+                    self.reload()
+                else:
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    await self.drain()
+                    return
 
     async def _http(self, method: str, path: str, query: dict) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):
@@ -130,13 +245,15 @@ class App:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until `Running.shutdown` is set."""
-        backends = build_backends(self.config)
+        backends = self._backends = build_backends(self.config)
         async with trio_asyncio.open_loop():
             async with trio.open_nursery() as nursery:
                 fleet = Fleet(self.config.machines, backends, self.metrics, nursery)
                 await fleet.reconcile()
+                audit = AuditLog(self.config.audit_file, self.metrics)
                 gateway = Gateway(self.config, fleet, TableRouter(self.config.users, self.config.machines),
-                                  self.metrics)
+                                  self.metrics, audit)
+                gateway.inherited_sockets = self.sockets
                 metrics_port = None
                 try:
                     await trio_asyncio.aio_as_trio(gateway.start)()
@@ -147,7 +264,9 @@ class App:
                     if self.config.metrics.listen is not None:
                         hp = self.config.metrics.listen
                         metrics_port = await nursery.start(http.serve, hp.host, hp.port, self._http)
-                    running = self._running = Running(gateway, fleet, self.metrics, gateway.ports, metrics_port)
+                    passthrough_ports = await nursery.start(passthrough.serve, self.config, fleet, self.metrics)
+                    running = self._running = Running(gateway, fleet, self.metrics, gateway.ports, metrics_port,
+                                                     passthrough_ports=passthrough_ports)
                     task_status.started(running)
                     await running.shutdown.wait()
                 finally:
@@ -156,6 +275,7 @@ class App:
                         if self.stop_machines_on_exit:
                             with trio.move_on_after(30):
                                 await fleet.stop_all()
-                        for b in backends.values():
+                        for b in {*backends.values(), *self._backends.values()}:
                             await b.aclose()
+                        audit.close()
                     nursery.cancel_scope.cancel()

@@ -22,18 +22,16 @@ def _setup_logging(level: str) -> None:
 
 
 async def _run_app(config, stop_machines_on_exit: bool, on_started=None) -> None:
-    from .app import App
+    from .app import App, inherited_sockets
 
-    app = App(config, stop_machines_on_exit=stop_machines_on_exit)
+    app = App(config, stop_machines_on_exit=stop_machines_on_exit, sockets=inherited_sockets())
     async with trio.open_nursery() as nursery:
         running = await nursery.start(app.run)
         if on_started:
             on_started(running)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                logging.getLogger("fleetgate").info("signal %s: shutting down", signal.Signals(signum).name)
-                running.shutdown.set()
-                break
+        nursery.start_soon(app.handle_signals)
+        await running.shutdown.wait()
+        nursery.cancel_scope.cancel()
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -69,6 +69,8 @@ class GatewayConfig:
     forwarding: str = "local"
     admin_socket: Path | None = None
     reconcile_interval: float = 30.0
+    upstream_ca_key: Path | None = None
+    drain_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,18 @@ class MachineConfig:
     min_uptime: float = 60.0
     stop_timeout: float = 60.0
     warm: tuple[Any, ...] = ()
+    passthrough_listen: HostPort | None = None
+    upstream_auth: str = "key"
+    cert_validity: float = 300.0
+    cert_source_address: tuple[str, ...] = ()
+    host_ca_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PassthroughConfig:
+    """The opt-in raw TCP passthrough wakes before authentication, hence a per-source rate limit."""
+
+    per_source_per_minute: int = 10
 
 
 @dataclass(frozen=True)
@@ -121,6 +135,9 @@ class Config:
     user_ca_keys: tuple[str, ...]
     backends: Mapping[str, BackendConfig]
     machines: Mapping[str, MachineConfig]
+    passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
+    audit_file: Path | str | None = None
+    limits: Any = None  # fleetgate.ssh.limits.LimitsConfig
 
 
 # Cipher names asyncssh knows; a typo here would otherwise surface as a failed handshake.
@@ -320,18 +337,78 @@ def resolve_path(base_dir: Path, value: str | None) -> Path | None:
     return p if p.is_absolute() else base_dir / p
 
 
+def _existing_file(r: _Reader, t: Mapping[str, Any], key: str, prefix: str) -> Path | None:
+    p = r.path(r.get(t, key, prefix, str))
+    if p is not None and not p.is_file():
+        r.error(f"{prefix}{key}", f"no such file {p}; create one with 'fleetgate keygen {p}'")
+    return p
+
+
+def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
+    import ipaddress
+
+    from .ssh.limits import LimitsConfig
+
+    t = r.table(doc, "limits", "")
+    d = LimitsConfig()
+    r.unknown_keys(t, {"max_unauthenticated", "per_source_startups", "max_auth_tries", "penalty_after",
+                       "penalty_window", "penalty_duration", "exempt"}, "limits.")
+    start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
+    startups = r.get(t, "per_source_startups", "limits.", str)
+    if startups is not None:
+        try:
+            start, rate, full = (int(x) for x in startups.split(":"))
+            if not (0 < start <= full and 0 <= rate <= 100):
+                raise ValueError
+        except ValueError:
+            r.error("limits.per_source_startups", f"'{startups}' is not START:RATE:FULL with 0 < START <= FULL "
+                    f"and RATE a percentage (sshd's MaxStartups form, e.g. \"64:30:128\")")
+            start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
+    exempt = r.str_list(t, "exempt", "limits.")
+    for i, cidr in enumerate(exempt):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            r.error(f"limits.exempt[{i}]", f"'{cidr}' is not an address or network (e.g. 10.0.0.0/8)")
+    positive_int = (lambda v: None if v >= 1 else f"must be 1 or more, got {v}")
+    return LimitsConfig(
+        max_unauthenticated=r.get(t, "max_unauthenticated", "limits.", int, d.max_unauthenticated, check=positive_int),
+        per_source_start=start, per_source_rate=rate, per_source_full=full,
+        max_auth_tries=r.get(t, "max_auth_tries", "limits.", int, d.max_auth_tries, check=positive_int),
+        penalty_after=r.get(t, "penalty_after", "limits.", int, d.penalty_after, check=positive_int),
+        penalty_window=r.get(t, "penalty_window", "limits.", float, d.penalty_window, check=_positive),
+        penalty_duration=r.get(t, "penalty_duration", "limits.", float, d.penalty_duration, check=_non_negative),
+        exempt=tuple(exempt),
+    )
+
+
+def _parse_passthrough(r: _Reader, doc: Mapping[str, Any]) -> PassthroughConfig:
+    t = r.table(doc, "passthrough", "")
+    r.unknown_keys(t, {"per_source_per_minute"}, "passthrough.")
+    n = r.get(t, "per_source_per_minute", "passthrough.", int, 10, check=lambda v: None if v >= 1 else
+              f"must be 1 or more (connections one source address may open per minute), got {v}")
+    return PassthroughConfig(per_source_per_minute=n)
+
+
+def _parse_passthrough_listen(r: _Reader, mc: Mapping[str, Any], prefix: str) -> HostPort | None:
+    value = r.get(mc, "passthrough_listen", prefix, str)
+    return r.host_port(value, f"{prefix}passthrough_listen", "127.0.0.1") if value else None
+
+
 def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None = None) -> Config:
     """Validate a parsed TOML document (a dict); raise ConfigError listing every problem."""
     from .backends import BACKEND_TYPES
 
     r = _Reader(file, base_dir or Path.cwd())
-    r.unknown_keys(doc, {"gateway", "metrics", "users", "user_ca", "backends", "machines"}, "")
+    r.unknown_keys(doc, {"gateway", "metrics", "users", "user_ca", "backends", "machines", "passthrough", "audit",
+                         "limits"}, "")
 
     # [gateway]
     g = r.table(doc, "gateway", "", required=True)
     r.unknown_keys(g, {"listen", "host_keys", "upstream_key", "state_dir", "login_grace",
                        "keepalive_interval", "ciphers", "window", "max_packet", "forwarding",
-                       "admin_socket", "reconcile_interval"}, "gateway.")
+                       "admin_socket", "reconcile_interval", "upstream_ca_key",
+                       "drain_timeout"}, "gateway.")
     listen = []
     for i, item in enumerate(r.str_list(g, "listen", "gateway.", required=True)):
         hp = r.host_port(item, f"gateway.listen[{i}]")
@@ -376,6 +453,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                          f"or 'none', got '{v}'"),
         admin_socket=r.path(r.get(g, "admin_socket", "gateway.", str)) or (state_dir / "admin.sock"),
         reconcile_interval=r.get(g, "reconcile_interval", "gateway.", float, 30.0, check=_positive),
+        upstream_ca_key=_existing_file(r, g, "upstream_ca_key", "gateway."),
+        drain_timeout=r.get(g, "drain_timeout", "gateway.", float, 60.0, check=_non_negative),
     )
 
     # [metrics]
@@ -388,11 +467,12 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     ca = r.table(doc, "user_ca", "")
     r.unknown_keys(ca, {"keys", "keys_file"}, "user_ca.")
     ca_keys = list(r.str_list(ca, "keys", "user_ca."))
+    n_inline = len(ca_keys)
     ca_keys += _read_key_file(r, r.path(r.get(ca, "keys_file", "user_ca.", str)), "user_ca.keys_file")
     for i, line in enumerate(ca_keys):
         problem = _check_key_line(line)
-        if problem:
-            r.error(f"user_ca.keys[{i}]", problem)
+        if problem:  # name the key the bad line came from: the inline list or the file
+            r.error(f"user_ca.keys[{i}]" if i < n_inline else "user_ca.keys_file", problem)
 
     # [backends.NAME]
     backends: dict[str, BackendConfig] = {}
@@ -417,7 +497,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     # [machines.NAME]
     machines: dict[str, MachineConfig] = {}
     common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout",
-              "idle_timeout", "min_uptime", "stop_timeout", "warm"}
+              "idle_timeout", "min_uptime", "stop_timeout", "warm",
+              "passthrough_listen", "upstream_auth", "cert_validity", "cert_source_address", "host_ca_key"}
     for name, mc in r.table(doc, "machines", "").items():
         prefix = f"machines.{name}."
         if not isinstance(mc, dict):
@@ -431,7 +512,9 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             known = ", ".join(sorted(backends)) or "none defined; add a [backends.NAME] table"
             r.error(f"{prefix}backend", f"no backend named '{bname}'; known: {known}")
         extra = set(BACKEND_TYPES[bconf.type].MACHINE_OPTIONS) if bconf else set()
-        r.unknown_keys(mc, common | extra, prefix)
+        # With an unknown backend, its options are not typos: only the backend name is wrong.
+        known_anywhere = {o for cls in BACKEND_TYPES.values() for o in cls.MACHINE_OPTIONS}
+        r.unknown_keys(mc, common | (extra if bconf else known_anywhere), prefix)
         address = None
         if "address" in mc:
             a = r.get(mc, "address", prefix, str)
@@ -448,15 +531,27 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         known_hosts = r.path(r.get(mc, "known_hosts", prefix, str))
         if known_hosts is not None and not known_hosts.is_file():
             r.error(f"{prefix}known_hosts", f"no such file {known_hosts}")
-        if not host_keys_m and known_hosts is None:
+        host_ca_m = list(r.str_list(mc, "host_ca_key", prefix))
+        for line in host_ca_m:
+            problem = _check_key_line(line)
+            if problem:
+                r.error(f"{prefix}host_ca_key", problem)
+        if not host_keys_m and known_hosts is None and not host_ca_m:
             r.error(f"{prefix}host_key",
                     "missing; pin the machine's SSH host key (host_key = \"ssh-ed25519 AAAA...\" or a .pub path) "
-                    "or give known_hosts = PATH; fleetgate never connects to an unverified machine")
+                    "or give known_hosts = PATH or host_ca_key = \"ssh-ed25519 AAAA...\" (a host CA); "
+                    "fleetgate never connects to an unverified machine")
         identity = r.path(r.get(mc, "identity", prefix, str))
         if identity is not None and not identity.is_file():
             r.error(f"{prefix}identity", f"no such file {identity}")
         _check_private_key(r, identity, f"{prefix}identity")
-        if identity is None and gateway.upstream_key is None:
+        upstream_auth = r.get(mc, "upstream_auth", prefix, str, "key",
+                              check=lambda v: None if v in ("key", "certificate") else
+                              f"must be 'key' (the gateway's key) or 'certificate' (a short-lived certificate "
+                              f"signed by gateway.upstream_ca_key), got '{v}'")
+        if upstream_auth == "certificate" and gateway.upstream_ca_key is None:
+            r.error(f"{prefix}upstream_auth", "'certificate' needs gateway.upstream_ca_key (the CA fleetgate signs with)")
+        if upstream_auth == "key" and identity is None and gateway.upstream_key is None:
             r.error(f"{prefix}identity", "missing; set gateway.upstream_key or this machine's identity (the key fleetgate logs in with)")
         warm_rules = []
         for i, rule in enumerate(r.str_list(mc, "warm", prefix)):
@@ -484,6 +579,12 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             min_uptime=r.get(mc, "min_uptime", prefix, float, 60.0, check=_non_negative),
             stop_timeout=r.get(mc, "stop_timeout", prefix, float, 60.0, check=_positive),
             warm=tuple(warm_rules),
+            passthrough_listen=_parse_passthrough_listen(r, mc, prefix),
+            upstream_auth=upstream_auth or "key",
+            cert_validity=r.get(mc, "cert_validity", prefix, float, 300.0,
+                                check=lambda v: None if 30 <= v <= 86400 else "must be between 30 and 86400 seconds"),
+            cert_source_address=r.str_list(mc, "cert_source_address", prefix),
+            host_ca_keys=tuple(host_ca_m),
         )
 
     # [users.NAME]
@@ -498,11 +599,12 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             r.error(f"users.{name}", "user names are lower-case letters, digits, '_', '.' and '-' (no '+')")
         r.unknown_keys(u, {"authorized_keys", "authorized_keys_file", "machines"}, prefix)
         keys = list(r.str_list(u, "authorized_keys", prefix))
+        n_inline = len(keys)
         keys += _read_key_file(r, r.path(r.get(u, "authorized_keys_file", prefix, str)), f"{prefix}authorized_keys_file")
         for i, line in enumerate(keys):
             problem = _check_key_line(line)
-            if problem:
-                r.error(f"{prefix}authorized_keys[{i}]", problem)
+            if problem:  # name the key the bad line came from: the inline list or the file
+                r.error(f"{prefix}authorized_keys[{i}]" if i < n_inline else f"{prefix}authorized_keys_file", problem)
         if not keys and not ca_keys:
             r.error(f"{prefix}authorized_keys", "missing; give the user's public keys, or configure [user_ca] keys")
         ms = r.str_list(u, "machines", prefix, required=True)
@@ -517,6 +619,12 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     if not users:
         r.error("users", "no users; add a [users.NAME] table with authorized_keys and machines")
 
+    passthrough = _parse_passthrough(r, doc)
+    limits = _parse_limits(r, doc)
+    audit = r.table(doc, "audit", "")
+    r.unknown_keys(audit, {"file"}, "audit.")
+    audit_value = r.get(audit, "file", "audit.", str)
+    audit_file = audit_value if audit_value in (None, "-") else r.path(audit_value)
     if r.issues:
         raise ConfigError(r.issues)
     return Config(
@@ -528,4 +636,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         user_ca_keys=tuple(ca_keys),
         backends=MappingProxyType(backends),
         machines=MappingProxyType(machines),
+        passthrough=passthrough,
+        audit_file=audit_file,
+        limits=limits,
     )

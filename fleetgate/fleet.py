@@ -82,6 +82,7 @@ class Machine:
         self.stop_calls = 0
         self.keep_until = 0.0
         self.stop_error: str | None = None
+        self.pending_backend: Backend | None = None
 
     def typical_boot(self) -> float | None:
         return statistics.median(self.boot_history) if self.boot_history else None
@@ -116,12 +117,42 @@ class Fleet:
             metrics.add_machine(name, backend.name)
             metrics.set_state(name, State.UNKNOWN.value)
 
+    def apply(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend]) -> None:
+        """A reloaded config: new machines join, changed ones take their new settings.
+
+        A running machine keeps the backend instance that started it until it stops (so
+        the right one stops it); a machine no longer in the config is left to the reaper
+        with its last settings, and no new connection is routed to it.
+        """
+        for name, mc in machines.items():
+            backend = backends[mc.backend]
+            backend.on_machine_exited = self.machine_exited
+            m = self.machines.get(name)
+            if m is None:
+                self.machines[name] = Machine(mc, backend)
+                self.metrics.add_machine(name, backend.name)
+                self.metrics.set_state(name, State.UNKNOWN.value)
+                log.info("machine added by reload machine=%s", name)
+                continue
+            m.config = mc
+            if m.backend is not backend:
+                if m.state in (State.STOPPED, State.FAILED, State.UNKNOWN):
+                    m.backend = backend
+                else:
+                    m.pending_backend = backend
+        for name in set(self.machines) - set(machines):
+            log.warning("machine removed from config machine=%s state=%s sessions=%d: no new connections; "
+                        "the reaper stops it when idle", name, self.machines[name].state.value,
+                        self.machines[name].sessions)
+
     # -- state ---------------------------------------------------------------------------
 
     def _set_state(self, m: Machine, state: State) -> None:
         if m.state is not state:
             log.info("machine state machine=%s %s -> %s", m.name, m.state.value, state.value)
             m.state = state
+            if state is State.STOPPED and m.pending_backend is not None:
+                m.backend, m.pending_backend = m.pending_backend, None
             self.metrics.set_state(m.name, state.value)
             m.changed.set()
             m.changed = trio.Event()

@@ -66,6 +66,16 @@ class Metrics:
         self.channels = Counter(
             "fleetgate_channels", "Channels opened through the gateway by kind and result.", ["kind", "result"],
             registry=r)
+        self.config_reloads = Counter(
+            "fleetgate_config_reloads", "Config reloads (SIGHUP) by result; a failed one keeps the old config.",
+            ["result"], registry=r)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+        self.preauth_refusals = Counter(
+            "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits.",
+            ["reason"], registry=r)
+        for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout"):
+            self.preauth_refusals.labels(reason)
         self.reaper_last_run = Gauge(
             "fleetgate_reaper_last_run_timestamp_seconds", "Unix time of the idle reaper's last completed pass.",
             registry=r)
@@ -83,6 +93,11 @@ class Metrics:
             ["reason"], registry=r)
         for reason in UPSTREAM_FAILURE_REASONS:
             self.upstream_failures.labels(reason)
+        self.passthrough_refusals = Counter(
+            "fleetgate_passthrough_refusals", "Passthrough connections closed without reaching the machine, by reason.",
+            ["reason"], registry=r)
+        for reason in ("rate_limited", "wake_failed", "connect_failed"):
+            self.passthrough_refusals.labels(reason)
         self.session_duration = Histogram(
             "fleetgate_session_duration_seconds", "Duration of authenticated connections.", [],
             buckets=SESSION_BUCKETS, registry=r)

@@ -39,7 +39,8 @@ def find_sshd() -> str | None:
 class ProcessBackend(Backend):
     TYPE = "process"
     BACKEND_OPTIONS = ("sshd", "start_delay", "stop_delay", "stop_timeout")
-    MACHINE_OPTIONS = ("port", "host_key_file", "authorized_keys_file", "accept_env")
+    MACHINE_OPTIONS = ("port", "host_key_file", "authorized_keys_file", "accept_env", "trusted_user_ca_keys_file",
+                       "host_certificate_file")
     PROVIDES_ADDRESS = True
 
     @classmethod
@@ -71,6 +72,10 @@ class ProcessBackend(Backend):
                 p = resolve(v)
                 if p is None or not p.is_file():
                     yield key, f"no such file {p}"
+        for key in ("trusted_user_ca_keys_file", "host_certificate_file"):
+            v = opts.get(key)
+            if v is not None and (not isinstance(v, str) or resolve(v) is None or not resolve(v).is_file()):
+                yield key, f"no such file {resolve(v) if isinstance(v, str) else v!r}"
         env = opts.get("accept_env")
         if env is not None and (not isinstance(env, list) or not all(isinstance(e, str) for e in env)):
             yield "accept_env", "must be a list of environment variable patterns"
@@ -114,6 +119,10 @@ LogLevel ERROR
 MaxStartups 200:30:400
 MaxSessions 100
 """
+        if o.get("trusted_user_ca_keys_file"):
+            text += f"TrustedUserCAKeys {self.resolve(o['trusted_user_ca_keys_file'])}\n"
+        if o.get("host_certificate_file"):
+            text += f"HostCertificate {self.resolve(o['host_certificate_file'])}\n"
         cfg = d / "sshd_config"
         cfg.write_text(text)
         return cfg

@@ -51,8 +51,12 @@ class FrontConnection(asyncssh.SSHServer):
         self._jump_only = True
         self._pipes: set[Pipe] = set()
         self._leases: set[Lease] = set()
+        self.sessions: set[SessionRelay] = set()
         self.bytes_up = 0
         self.bytes_down = 0
+        self.ip = "?"
+        self._admitted = False
+        self._auth_failures = 0
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -60,6 +64,11 @@ class FrontConnection(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.ip = peer[0] if peer else "?"
+        if not self.gateway.limiter.admit(self.ip, conn):
+            conn.abort()
+            return
+        self._admitted = True
         self._grace = asyncio.get_running_loop().call_later(
             self.gateway.config.gateway.login_grace, self._grace_expired)
         original = conn.validate_public_key
@@ -69,25 +78,32 @@ class FrontConnection(asyncssh.SSHServer):
             ok = await original(user, key_data, msg, signature)
             if not ok:
                 self.gateway.metrics.auth_failures.labels("publickey").inc()
+                self._auth_failures += 1
+                if self._auth_failures >= self.gateway.config.limits.max_auth_tries:
+                    self.gateway.limiter.refuse(self.ip, "max_auth_tries")
+                    raise asyncssh.PermissionDenied("fleetgate: too many authentication failures")
                 return False
             if msg:  # the signature over the session id has been verified
+                self.gateway.limiter.authenticated(self.ip, conn)
                 await self._after_auth(username)
             return True
 
         conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
-        self.gateway.connections.add(self)
+        self.gateway.add_connection(self)
 
     def _grace_expired(self) -> None:
         if not self._authorized and self.conn is not None:
-            log.info("pre-auth grace expired peer=%s", self.peer)
-            self.gateway.metrics.connections.labels("preauth_timeout").inc()
+            self.gateway.limiter.refuse(self.ip, "preauth_timeout")
+            self._count("preauth_timeout")
             self.conn.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._admitted:
+            self.gateway.limiter.closed(self.ip, self.conn, failed_auth=self._auth_failures > 0)
         if self._grace is not None:
             self._grace.cancel()
-        self.gateway.connections.discard(self)
+        self.gateway.remove_connection(self)
         for pipe in list(self._pipes):
             pipe.abort()
         if self.upstream is not None:
@@ -174,7 +190,8 @@ class FrontConnection(asyncssh.SSHServer):
             address = gw.fleet.machines[target.machine].address
             assert address is not None
             try:
-                self.upstream = await upstream_mod.connect(machine, address, target.upstream_user, gw.config.gateway)
+                self.upstream = await upstream_mod.connect(machine, address, target.upstream_user, gw.config.gateway,
+                                                           login=target.user, ca=gw.upstream_ca)
             except upstream_mod.UpstreamError as exc:
                 lease.release()
                 self._lease = None
@@ -207,7 +224,17 @@ class FrontConnection(asyncssh.SSHServer):
         self._hold()
         gw = self.gateway.config.gateway
         chan = self.conn.create_server_channel(encoding=None, window=gw.window, max_pktsize=gw.max_packet)
-        return chan, SessionRelay(self)
+        relay = SessionRelay(self)
+        self.sessions.add(relay)
+        return chan, relay
+
+    def notify(self, text: str) -> None:
+        """Tell this user something (shutdown): on each session's stderr, or as a banner before auth."""
+        if not self._authorized:
+            self._banner(text)
+            return
+        for relay in list(self.sessions):
+            relay.notice(text)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         gw = self.gateway

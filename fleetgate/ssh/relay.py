@@ -124,6 +124,11 @@ class SessionRelay(asyncssh.SSHServerSession):
             up.pause_reading()
         front.resume_reading()
 
+    def notice(self, message: str) -> None:
+        """A line from the gateway itself on the user's stderr (e.g. shutdown)."""
+        if self._front is not None and not self._closed:
+            self._front.write_stderr(("\r\n" + message + "\r\n").encode())
+
     def _fail(self, message: str) -> None:
         if self._front is not None and not self._closed:
             self._front.write_stderr((message + "\r\n").encode())
@@ -170,6 +175,7 @@ class SessionRelay(asyncssh.SSHServerSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._owner.sessions.discard(self)
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._up is not None:

@@ -11,6 +11,7 @@ import asyncssh
 
 from ..backends.base import Address
 from ..config import GatewayConfig, MachineConfig
+from .certs import CertPolicy, sign_session_key
 
 CONNECT_TIMEOUT = 15.0
 
@@ -23,19 +24,31 @@ class UpstreamError(Exception):
 
 
 def _known_hosts(mc: MachineConfig):
-    if mc.host_keys:
-        return ([asyncssh.import_public_key(k) for k in mc.host_keys], [], [])
+    """Pinned keys and host CAs from the config, else the known_hosts file (which may hold @cert-authority lines)."""
+    if mc.host_keys or mc.host_ca_keys:
+        return ([asyncssh.import_public_key(k) for k in mc.host_keys],
+                [asyncssh.import_public_key(k) for k in mc.host_ca_keys], [])
     return str(mc.known_hosts)
 
 
-async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: GatewayConfig) -> asyncssh.SSHClientConnection:
-    """Open the upstream connection or raise UpstreamError with a sentence for the user."""
+def _client_keys(mc: MachineConfig, upstream_user: str, login: str, ca: asyncssh.SSHKey | None) -> list:
+    if mc.upstream_auth == "certificate":
+        assert ca is not None
+        key, cert = sign_session_key(ca, upstream_user, f"fleetgate:{login}@{mc.name}",
+                                     CertPolicy(mc.cert_validity, mc.cert_source_address))
+        return [(key, cert)]
     assert mc.identity is not None
+    return [str(mc.identity)]
+
+
+async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: GatewayConfig,
+                  login: str = "", ca: asyncssh.SSHKey | None = None) -> asyncssh.SSHClientConnection:
+    """Open the upstream connection or raise UpstreamError with a sentence for the user."""
     try:
         return await asyncssh.connect(
             address.host, address.port,
             username=upstream_user,
-            client_keys=[str(mc.identity)],
+            client_keys=_client_keys(mc, upstream_user, login, ca),
             known_hosts=_known_hosts(mc),
             config=None, agent_path=None, agent_forwarding=False,
             password_auth=False, kbdint_auth=False, gss_auth=False, host_based_auth=False,

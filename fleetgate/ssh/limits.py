@@ -1,0 +1,165 @@
+"""Pre-authentication limits, in the spirit of sshd's MaxStartups and PerSourcePenalties.
+
+Why this shape: a gateway on the internet must keep serving real users while scanners
+hold connections open or guess keys. So
+- each source address may hold only a few unauthenticated connections, with random
+  early drop between `start` and `full` (sshd's start:rate:full, but per source, so one
+  noisy address cannot starve everyone else);
+- the total of unauthenticated connections is capped, and when it is reached the
+  oldest unauthenticated connection of the busiest source is evicted instead of the
+  newcomer being refused, so a flood from many addresses cannot lock users out;
+- a source whose connections keep ending in failed authentication is blocked for a
+  while (exempt networks never are);
+- every refusal is counted by reason, and logged once per source and reason a minute.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+LOG_WINDOW = 60.0
+REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    # Generous per source: a CI fleet or an office behind one NAT address opens dozens of
+    # logins at once (50 concurrent clients from one address are a tested case).
+    max_unauthenticated: int = 1024
+    per_source_start: int = 64
+    per_source_rate: int = 30       # percent drop probability at `start`, rising linearly to 100 at `full`
+    per_source_full: int = 128
+    max_auth_tries: int = 6
+    penalty_after: int = 10         # connections that ended in failed authentication ...
+    penalty_window: float = 600.0   # ... within this many seconds ...
+    penalty_duration: float = 300.0  # ... block the source this long
+    exempt: tuple[str, ...] = ()    # CIDRs never penalised nor per-source limited
+
+
+class Closable(Protocol):
+    def abort(self) -> None: ...
+
+
+@dataclass
+class _Source:
+    unauthenticated: collections.OrderedDict = field(default_factory=collections.OrderedDict)
+    failures: collections.deque = field(default_factory=collections.deque)
+    blocked_until: float = 0.0
+
+
+class PreauthLimiter:
+    def __init__(self, config: LimitsConfig, count: Callable[[str], None],
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
+        self.config = config
+        self._count = count
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._sources: dict[str, _Source] = {}
+        self._total = 0
+        self._exempt = [ipaddress.ip_network(c, strict=False) for c in config.exempt]
+        self._logged: dict[tuple[str, str], float] = {}
+
+    def _exempted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._exempt)
+
+    def refuse(self, ip: str, reason: str) -> None:
+        """Count a refusal and log it once per source and reason per minute."""
+        self._count(reason)
+        now = self._clock()
+        key = (ip, reason)
+        if now - self._logged.get(key, -LOG_WINDOW) >= LOG_WINDOW:
+            self._logged[key] = now
+            log.warning("pre-auth refusal source=%s reason=%s (further ones from this source are counted, "
+                        "not logged, for %.0f s)", ip, reason, LOG_WINDOW)
+            if len(self._logged) > 10_000:  # bounded memory under a spoofed-source flood
+                self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_WINDOW}
+
+    def admit(self, ip: str, conn: Closable) -> bool:
+        """Decide on a new connection; on True it counts as unauthenticated until settled."""
+        c = self.config
+        now = self._clock()
+        src = self._sources.get(ip)
+        exempt = self._exempted(ip)
+        if src is not None and not exempt:
+            if src.blocked_until > now:
+                self.refuse(ip, "penalty")
+                return False
+            held = len(src.unauthenticated)
+            if held >= c.per_source_full:
+                self.refuse(ip, "per_source")
+                return False
+            if held >= c.per_source_start:
+                span = max(1, c.per_source_full - c.per_source_start)
+                p = c.per_source_rate + (100 - c.per_source_rate) * (held - c.per_source_start) / span
+                if self._rng.random() * 100 < p:
+                    self.refuse(ip, "per_source")
+                    return False
+        if self._total >= c.max_unauthenticated:
+            self._evict_one()
+        if src is None:
+            if len(self._sources) > 50_000:
+                self._prune(now)
+            src = self._sources[ip] = _Source()
+        src.unauthenticated[id(conn)] = (now, conn)
+        self._total += 1
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget sources with nothing held, no recent failure and no block (bounded memory)."""
+        window = self.config.penalty_window
+        self._sources = {ip: s for ip, s in self._sources.items()
+                         if s.unauthenticated or s.blocked_until > now
+                         or (s.failures and now - s.failures[-1] <= window)}
+
+    def _evict_one(self) -> None:
+        """Make room: the oldest unauthenticated connection of the source holding the most."""
+        ip, src = max(((ip, s) for ip, s in self._sources.items() if s.unauthenticated),
+                      key=lambda item: len(item[1].unauthenticated))
+        key, (_, conn) = next(iter(src.unauthenticated.items()))
+        self._settle(ip, key)
+        self.refuse(ip, "evicted")
+        conn.abort()
+
+    def _settle(self, ip: str, key: int) -> bool:
+        src = self._sources.get(ip)
+        if src is None or src.unauthenticated.pop(key, None) is None:
+            return False
+        self._total -= 1
+        if not src.unauthenticated and not src.failures and src.blocked_until <= self._clock():
+            del self._sources[ip]
+        return True
+
+    def authenticated(self, ip: str, conn: Closable) -> None:
+        self._settle(ip, id(conn))
+
+    def closed(self, ip: str, conn: Closable, failed_auth: bool) -> None:
+        """An unauthenticated connection ended; a failed one counts towards the source's penalty."""
+        if not self._settle(ip, id(conn)) or not failed_auth or self._exempted(ip):
+            return
+        c = self.config
+        now = self._clock()
+        src = self._sources.setdefault(ip, _Source())
+        src.failures.append(now)
+        while src.failures and now - src.failures[0] > c.penalty_window:
+            src.failures.popleft()
+        if len(src.failures) >= c.penalty_after:
+            src.blocked_until = now + c.penalty_duration
+            src.failures.clear()
+            log.warning("source blocked source=%s seconds=%.0f after %d failed logins", ip, c.penalty_duration,
+                        c.penalty_after)
+
+    @property
+    def unauthenticated(self) -> int:
+        return self._total
