@@ -213,3 +213,71 @@ def sample(text: str, name: str, **labels: str) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return None
+
+
+class ServeProcess:
+    """`fleetgate serve -c FILE` as a real subprocess; a task pumps its log (stderr) into lines."""
+
+    def __init__(self, config_path: Path, *, argv_prefix: Sequence[str] = (), env: dict[str, str] | None = None,
+                 pass_fds: Sequence[int] = ()):
+        self.config_path = config_path
+        self.argv = [*argv_prefix, sys.executable, "-m", "fleetgate", "--log-level", "info", "serve", "-c",
+                     str(config_path)]
+        self.env = {**os.environ, **(env or {})}
+        self.pass_fds = tuple(pass_fds)
+        self.proc: trio.Process | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._taken: set[int] = set()
+        self._changed = trio.Event()
+        self._eof = False
+
+    async def start(self, nursery: trio.Nursery) -> "ServeProcess":
+        self.proc = await trio.lowlevel.open_process(self.argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                                     stdin=subprocess.DEVNULL, env=self.env, pass_fds=self.pass_fds)
+        nursery.start_soon(self._pump)
+        line = await self.wait_for("ssh listening ports=")
+        self.port = int(line.split("ports=[", 1)[1].split("]", 1)[0].split(",")[0])
+        return self
+
+    async def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        buf = b""
+        async with self.proc.stderr:
+            while True:
+                chunk = await self.proc.stderr.receive_some(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                *done, buf = buf.split(b"\n")
+                self.lines += [d.decode(errors="replace") for d in done]
+                self._changed.set()
+                self._changed = trio.Event()
+        self._eof = True
+        self._changed.set()
+
+    async def wait_for(self, text: str, timeout: float = 30) -> str:
+        """The first log line containing text that no earlier wait_for returned."""
+        with trio.fail_after(timeout):
+            while True:
+                for i in range(len(self.lines)):
+                    if i not in self._taken and text in self.lines[i]:
+                        self._taken.add(i)
+                        return self.lines[i]
+                if self._eof:
+                    raise EOFError(f"fleetgate exited before logging {text!r}; log:\n" + "\n".join(self.lines))
+                await self._changed.wait()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        with trio.fail_after(timeout):
+            return await self.proc.wait()
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()

@@ -1,0 +1,183 @@
+"""Operations with `fleetgate serve` as a real process: SIGHUP reload, SIGTERM drain, SIGKILL
+and restart, systemd socket activation — with real OpenSSH sessions running through them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from helpers import ServeProcess, make_fleet, run
+
+
+def _write_setting(cfg: Path, table: str, line: str) -> None:
+    text = cfg.read_text()
+    assert f"[{table}]\n" in text
+    cfg.write_text(text.replace(f"[{table}]\n", f"[{table}]\n{line}\n", 1))
+
+
+class Session:
+    """An open `ssh alice 'echo ready; cat'`: an echo line we can talk through."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+        self.proc: trio.Process | None = None
+        self.err = b""
+
+    async def open(self, nursery: trio.Nursery) -> "Session":
+        self.proc = await trio.lowlevel.open_process(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.PIPE)
+        nursery.start_soon(self._read_err)
+        assert await self.read_until(b"ready\n") == b"ready\n"
+        return self
+
+    async def _read_err(self) -> None:
+        async for chunk in self.proc.stderr:
+            self.err += chunk
+
+    async def read_until(self, end: bytes, timeout: float = 20) -> bytes:
+        out = b""
+        with trio.fail_after(timeout):
+            while not out.endswith(end):
+                chunk = await self.proc.stdout.receive_some(4096)
+                if not chunk:
+                    break
+                out += chunk
+        return out
+
+    async def echo(self, data: bytes) -> bytes:
+        await self.proc.stdin.send_all(data)
+        return await self.read_until(data)
+
+    async def wait_err(self, text: bytes, timeout: float = 20) -> None:
+        with trio.fail_after(timeout):
+            while text not in self.err:
+                await trio.sleep(0.05)  # stderr is pumped by _read_err; nothing else to wait on
+
+    async def close(self) -> int:
+        await self.proc.stdin.aclose()
+        with trio.fail_after(20):
+            return await self.proc.wait()
+
+
+async def test_sighup_reload_adds_a_user_keeps_sessions_and_rejects_a_broken_file(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    serve = await ServeProcess(fleet.config_path).start(nursery)
+    try:
+        alice = await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
+        r = await run(["ssh", *fleet.ssh_opts(serve.port), "carol@127.0.0.1", "true"])
+        assert r.returncode == 255  # carol does not exist yet
+
+        with open(fleet.config_path, "a") as f:
+            f.write('\n[users.carol]\nauthorized_keys_file = "client_key.pub"\nmachines = ["bob"]\n')
+        serve.signal(signal.SIGHUP)
+        await serve.wait_for("config reloaded")
+        r = await run(["ssh", *fleet.ssh_opts(serve.port), "carol@127.0.0.1", "echo carol-on-bob"])
+        assert (r.returncode, r.out) == (0, "carol-on-bob\n"), r.err
+        assert await alice.echo(b"still here\n") == b"still here\n"  # the live session never noticed
+
+        good = fleet.config_path.read_text()
+        fleet.config_path.write_text(good + "\n[users.dave\n")
+        serve.signal(signal.SIGHUP)
+        line = await serve.wait_for("reload rejected")
+        assert str(fleet.config_path) in line and "TOML syntax error" in line
+        r = await run(["ssh", *fleet.ssh_opts(serve.port), "carol@127.0.0.1", "echo old-config-stays"])
+        assert (r.returncode, r.out) == (0, "old-config-stays\n"), r.err
+        assert await alice.echo(b"and still\n") == b"and still\n"
+
+        head, _, tail = good.rpartition('machines = ["bob"]')  # carol's, the last one
+        fleet.config_path.write_text(head + 'machines = ["nosuch"]' + tail)
+        serve.signal(signal.SIGHUP)
+        line = await serve.wait_for("reload rejected")
+        assert "users.carol.machines" in line and "no machine named 'nosuch'" in line
+        assert await alice.close() == 0
+    finally:
+        await serve.kill()
+
+
+async def test_sigterm_drains_tells_users_and_leaves_busy_machines_running(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    _write_setting(fleet.config_path, "gateway", "drain_timeout = 30")
+    serve = await ServeProcess(fleet.config_path).start(nursery)
+    try:
+        alice = await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
+        pid = int((fleet.dir / "state" / "process" / "alice" / "sshd.pid").read_text())
+        serve.signal(signal.SIGTERM)
+        await serve.wait_for("draining connections=1")
+        await alice.wait_err(b"fleetgate: the gateway is shutting down")
+        r = await run(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "true"])
+        assert r.returncode == 255 and "Connection refused" in r.err  # no new connections
+        assert await alice.echo(b"finishing my work\n") == b"finishing my work\n"
+        assert serve.proc.returncode is None  # waits for the session
+        assert await alice.close() == 0
+        assert await serve.wait(timeout=20) == 0
+        os.kill(pid, 0)  # the machine is still up: fleetgate never stops machines on shutdown
+    finally:
+        await serve.kill()
+
+
+async def test_drain_timeout_closes_sessions_that_do_not_end(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    _write_setting(fleet.config_path, "gateway", "drain_timeout = 2")
+    serve = await ServeProcess(fleet.config_path).start(nursery)
+    try:
+        alice = await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
+        t0 = trio.current_time()
+        serve.signal(signal.SIGTERM)
+        assert await serve.wait(timeout=20) == 0
+        assert 2 - 0.2 <= trio.current_time() - t0 < 10
+        with trio.fail_after(10):
+            await alice.proc.wait()
+        await serve.wait_for("drain timeout: closing connections=1")
+    finally:
+        await serve.kill()
+
+
+async def test_sigkill_restart_adopts_running_machines_with_a_full_idle_grace(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    text = fleet.config_path.read_text().replace("boot_timeout =", "idle_timeout = 4\nmin_uptime = 0\nboot_timeout =")
+    fleet.config_path.write_text(text)
+    first = await ServeProcess(fleet.config_path).start(nursery)
+    r = await run(["ssh", *fleet.ssh_opts(first.port), "alice@127.0.0.1", "true"])
+    assert r.returncode == 0, r.err
+    first.proc.kill()  # SIGKILL: no drain, no cleanup
+    await first.wait()
+
+    second = ServeProcess(fleet.config_path)
+    t0 = trio.current_time()
+    await second.start(nursery)
+    try:
+        await second.wait_for("adopted running machine=alice")
+        await second.wait_for("reaper stops machine=alice", timeout=30)
+        assert trio.current_time() - t0 >= 4 - 0.2  # a full idle_timeout after the restart
+        assert not any("process backend started sshd machine=alice" in ln for ln in second.lines)
+        r = await run(["ssh", *fleet.ssh_opts(second.port), "alice@127.0.0.1", "echo woken-again"])
+        assert (r.returncode, r.out) == (0, "woken-again\n"), r.err
+    finally:
+        await second.kill()
+
+
+async def test_systemd_socket_activation(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    # What systemd does between fork and exec: the socket on fd 3, LISTEN_PID = our pid, LISTEN_FDS = 1.
+    activate = [sys.executable, "-c",
+                "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+                "os.environ['LISTEN_FDS'] = '1'; os.execvp(sys.argv[2], sys.argv[2:])", str(sock.fileno())]
+    serve = ServeProcess(fleet.config_path, argv_prefix=activate, pass_fds=[sock.fileno()])
+    await serve.start(nursery)
+    sock.close()
+    try:
+        assert serve.port == port  # it served the inherited socket, not gateway.listen
+        r = await run(["ssh", *fleet.ssh_opts(port), "alice@127.0.0.1", "echo activated"])
+        assert (r.returncode, r.out) == (0, "activated\n"), r.err
+    finally:
+        await serve.kill()
