@@ -12,57 +12,13 @@ from pathlib import Path
 
 import trio
 
-from helpers import ServeProcess, make_fleet, run
+from helpers import ServeProcess, Session, make_fleet, run
 
 
 def _write_setting(cfg: Path, table: str, line: str) -> None:
     text = cfg.read_text()
     assert f"[{table}]\n" in text
     cfg.write_text(text.replace(f"[{table}]\n", f"[{table}]\n{line}\n", 1))
-
-
-class Session:
-    """An open `ssh alice 'echo ready; cat'`: an echo line we can talk through."""
-
-    def __init__(self, argv: list[str]):
-        self.argv = argv
-        self.proc: trio.Process | None = None
-        self.err = b""
-
-    async def open(self, nursery: trio.Nursery) -> "Session":
-        self.proc = await trio.lowlevel.open_process(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                     stderr=subprocess.PIPE)
-        nursery.start_soon(self._read_err)
-        assert await self.read_until(b"ready\n") == b"ready\n"
-        return self
-
-    async def _read_err(self) -> None:
-        async for chunk in self.proc.stderr:
-            self.err += chunk
-
-    async def read_until(self, end: bytes, timeout: float = 20) -> bytes:
-        out = b""
-        with trio.fail_after(timeout):
-            while not out.endswith(end):
-                chunk = await self.proc.stdout.receive_some(4096)
-                if not chunk:
-                    break
-                out += chunk
-        return out
-
-    async def echo(self, data: bytes) -> bytes:
-        await self.proc.stdin.send_all(data)
-        return await self.read_until(data)
-
-    async def wait_err(self, text: bytes, timeout: float = 20) -> None:
-        with trio.fail_after(timeout):
-            while text not in self.err:
-                await trio.sleep(0.05)  # stderr is pumped by _read_err; nothing else to wait on
-
-    async def close(self) -> int:
-        await self.proc.stdin.aclose()
-        with trio.fail_after(20):
-            return await self.proc.wait()
 
 
 async def test_sighup_reload_adds_a_user_keeps_sessions_and_rejects_a_broken_file(tmp_path, nursery):

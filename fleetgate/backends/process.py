@@ -36,6 +36,27 @@ def find_sshd() -> str | None:
     return None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc (children first found, then theirs)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 class ProcessBackend(Backend):
     TYPE = "process"
     BACKEND_OPTIONS = ("sshd", "start_delay", "stop_delay", "stop_timeout")
@@ -181,6 +202,13 @@ MaxSessions 100
         pid = proc.pid if proc is not None else self._live_pid(machine)
         if pid is None:
             return
+        # Like a power-off: sshd's per-connection processes run in sessions of their own
+        # (setsid), so the listener's process group does not reach them.
+        for child in descendants(pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -1,0 +1,115 @@
+"""Fault injection: for each fault, what the user sees, what the metric says, and that
+another user's session (bob's, open through the same gateway) keeps flowing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import trio
+
+from fleetgate.backends.process import descendants
+from helpers import Session, make_fleet, run, start_gateway
+
+
+async def open_bob(fleet, nursery) -> Session:
+    bob = await Session(fleet.ssh("bob", "echo ready; cat")).open(nursery)
+    assert await bob.echo(b"before\n") == b"before\n"
+    return bob
+
+
+async def bob_still_flows(bob: Session) -> None:
+    payload = os.urandom(64 * 1024).hex().encode() + b"\n"
+    assert await bob.echo(payload) == payload
+    assert await bob.close() == 0
+
+
+def alice(**settings):
+    def patch(doc):
+        for key, value in settings.items():
+            if key.startswith("backend_"):
+                doc["backends"]["local"][key[len("backend_"):]] = value
+            else:
+                doc["machines"]["alice"][key] = value
+    return patch
+
+
+async def test_start_hang(tmp_path, nursery):
+    # The process backend's start_delay applies to every machine: bob boots before it matters.
+    fleet, cfg = make_fleet(tmp_path, patch=alice(boot_timeout=3))
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    fleet.machine("alice").backend.start_delay = 3600  # from now on every start hangs
+    r = await run(fleet.ssh("alice", "true"))
+    assert r.returncode == 255 and "fleetgate: alice did not answer within 3 s" in r.err
+    assert fleet.metric("fleetgate_wake_failures_total", backend="local", reason="boot_timeout") == 1
+    await bob_still_flows(bob)
+
+
+async def test_start_error(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    fleet.machine("alice").backend.sshd = "/bin/false"  # the next start fails
+    r = await run(fleet.ssh("alice", "true"))
+    assert r.returncode == 255 and "fleetgate: alice could not be started" in r.err
+    assert fleet.metric("fleetgate_wake_failures_total", backend="local", reason="start_error") == 1
+    await bob_still_flows(bob)
+
+
+async def test_guest_dies_mid_session(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    victim = await Session(fleet.ssh("alice", "echo ready; cat")).open(nursery)
+    pid = int((cfg.gateway.state_dir / "process" / "alice" / "sshd.pid").read_text())
+    for p in [pid, *descendants(pid)]:  # alice's machine dies: its sshd and every session on it
+        os.kill(p, signal.SIGKILL)
+    with trio.fail_after(20):
+        code = await victim.proc.wait()
+    assert code != 0  # she sees her session end
+    r = await run(fleet.ssh("alice", "echo back"))  # and the next login wakes it again
+    assert (r.returncode, r.out) == (0, "back\n"), r.err
+    assert fleet.metric("fleetgate_machine_lost_total", backend="local") == 1
+    await bob_still_flows(bob)
+
+
+async def test_upstream_host_key_change(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    assert (await run(fleet.ssh("alice", "true"))).returncode == 0
+    await fleet.running.fleet.stop("alice")
+    key = cfg.machines["alice"].options["host_key_file"]
+    hk = fleet.dir / key
+    hk.unlink()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hk)], check=True)  # re-imaged
+    r = await run(fleet.ssh("alice", "echo must-not-run"))
+    assert r.returncode == 255 and "fleetgate: host key of alice changed; refusing to connect" in r.err
+    assert "must-not-run" not in r.out
+    assert fleet.metric("fleetgate_upstream_failures_total", reason="host_key_mismatch") == 1
+    await bob_still_flows(bob)
+
+
+async def test_metrics_scraper_gone(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path, patch=lambda doc: doc.update(metrics={"listen": "127.0.0.1:0"}))
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    port = fleet.running.metrics_port
+    # Scrapers that vanish: mid-request, before reading the answer, and one that never speaks.
+    half = await trio.open_tcp_stream("127.0.0.1", port)
+    await half.send_all(b"GET /metr")
+    await half.aclose()
+    rude = await trio.open_tcp_stream("127.0.0.1", port)
+    await rude.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    await rude.aclose()
+    mute = await trio.open_tcp_stream("127.0.0.1", port)
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.get(f"http://127.0.0.1:{port}/metrics")
+    assert r.status_code == 200 and "fleetgate_active_sessions" in r.text
+    await mute.aclose()
+    await bob_still_flows(bob)
