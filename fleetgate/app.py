@@ -185,8 +185,11 @@ class App:
         backends = {}
         for name, b in new.backends.items():
             old = self._backends.get(name)
-            backends[name] = old if old is not None and old.config == b else \
-                BACKEND_TYPES[b.type](b, resolve, new.gateway.state_dir)
+            if old is not None and old.config == b:
+                backends[name] = old
+            else:
+                backends[name] = BACKEND_TYPES[b.type](b, resolve, new.gateway.state_dir)
+                self._nursery.start_soon(backends[name].run)
         running.fleet.apply(new.machines, backends)
         running.gateway.apply(new, TableRouter(new.users, new.machines))
         self._backends = backends
@@ -248,6 +251,9 @@ class App:
         backends = self._backends = build_backends(self.config)
         async with trio_asyncio.open_loop():
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for b in backends.values():
+                    await nursery.start(b.run)
                 fleet = Fleet(self.config.machines, backends, self.metrics, nursery)
                 await fleet.reconcile()
                 audit = AuditLog(self.config.audit_file, self.metrics)

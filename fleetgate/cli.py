@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -107,10 +106,13 @@ def _admin(args: argparse.Namespace, method: str, path: str, params: dict | None
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
+    from .unixsock import reachable
+
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=args.timeout) as client:
+        with reachable(sock) as target, \
+                httpx.Client(transport=httpx.HTTPTransport(uds=target), timeout=args.timeout) as client:
             r = client.request(method, f"http://fleetgate{path}", params=params)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, OSError) as exc:
         print(f"error: cannot reach the gateway's admin socket {sock}: {exc}", file=sys.stderr)
         return 1
     body = r.json()

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import trio
+
+from . import unixsock
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +82,8 @@ async def serve(host: str, port: int, handler: Handler, *, task_status=trio.TASK
 
 async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve on a unix socket only its owner can use (mode 0600): the admin API."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(path)
-    finally:
-        os.umask(old)
-    sock.listen(64)
+    sock = trio.socket.from_stdlib_socket(unixsock.bind_listening(path, backlog=64, mode=0o600))
     log.info("admin api listening socket=%s", path)
     task_status.started(path)
     try:

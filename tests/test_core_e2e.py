@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import socket
 import subprocess
 from pathlib import Path
 
-import pytest
 import trio
 
-from helpers import HOST_ALIAS, DemoProcess, free_port, make_fleet, run, sample, start_gateway
+from helpers import DemoProcess, free_port, make_fleet, run, sample, start_gateway
 
 
 def sha256(path: Path) -> str:

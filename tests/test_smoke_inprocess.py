@@ -1,4 +1,3 @@
-import trio
 
 from helpers import make_fleet, run, start_gateway
 

@@ -6,7 +6,6 @@ import subprocess
 import time
 
 import asyncssh
-import pytest
 import trio
 import trio_asyncio
 

@@ -97,5 +97,11 @@ class Backend:
             raise BackendError(f"machine {machine.name} has no address", "backend_error")
         return Address.of(machine.address)
 
+    async def run(self, *, task_status=None) -> None:
+        """A backend's own long-lived task (e.g. watching its processes), started by the App
+        in the main nursery before anything else uses the backend. Default: nothing to do."""
+        if task_status is not None:
+            task_status.started()
+
     async def aclose(self) -> None:
         """Release resources held by the backend itself (not the machines)."""

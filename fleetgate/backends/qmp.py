@@ -8,7 +8,6 @@ asyncio; the backend is plain trio, so the few commands it needs are spoken here
 from __future__ import annotations
 
 import json
-import os
 import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import Any, AsyncIterator
 
 import trio
 
-# AF_UNIX paths are limited to 108 bytes; state directories under pytest's tmp_path or a
-# deep state_dir go past it, so long paths are reached through /proc/self/fd.
-UNIX_PATH_MAX = 100
+from .. import unixsock
+
 MAX_LINE = 1 << 20
 
 
@@ -92,19 +90,11 @@ class QMP:
 @asynccontextmanager
 async def connect(path: Path) -> AsyncIterator[QMP]:
     """Connect and negotiate; the caller bounds the time (QEMU answers once initialised)."""
-    dir_fd = None
-    target = str(path)
-    if len(target.encode()) > UNIX_PATH_MAX:
-        dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-        target = f"/proc/self/fd/{dir_fd}/{path.name}"
-    try:
+    with unixsock.reachable(path) as target:
         try:
             stream = await trio.open_unix_socket(target)
         except OSError as exc:
             raise QMPError(f"cannot connect to QMP socket {path}: {exc.strerror}") from exc
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
     qmp = QMP(stream)
     try:
         await qmp._handshake()
@@ -120,20 +110,4 @@ def bind_listening(path: Path) -> socket.socket:
     Bound by us before QEMU runs, so a connect never races QEMU's start-up: the client
     waits in the backlog until QEMU is ready, and sees EOF if QEMU dies first.
     """
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    dir_fd = None
-    try:
-        target = str(path)
-        if len(target.encode()) > UNIX_PATH_MAX:
-            dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-            target = f"/proc/self/fd/{dir_fd}/{path.name}"
-        sock.bind(target)
-        sock.listen(8)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        if dir_fd is not None:
-            os.close(dir_fd)
-    return sock
+    return unixsock.bind_listening(path, backlog=8)
