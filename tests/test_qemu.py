@@ -72,8 +72,7 @@ async def start_qemu_gateway(nursery: trio.Nursery, tmp_path: Path, img: GuestIm
     running = await start_gateway(nursery, fleet, cfg, stop_machines_on_exit=stop_machines_on_exit)
     backend = running.fleet.machines["vm-alice"].backend
     reaper.append(backend)
-    if not backend.running:  # until the App starts backends' run() itself
-        await nursery.start(backend.run)
+    assert backend.running  # the App starts every backend's own task
     return fleet, backend
 
 
@@ -269,7 +268,6 @@ async def test_launch_failure_is_a_clear_wake_failure(tmp_path, nursery, guest_i
     assert not backend.live
 
 
-@pytest.mark.xfail(reason="reaper not wired yet", strict=False)
 async def test_idle_guest_is_powered_down_by_the_reaper(tmp_path, nursery, guest_image, qemu_reaper):
     fleet, backend = await start_qemu_gateway(nursery, tmp_path, guest_image, qemu_reaper,
                                               idle_timeout=2.0, min_uptime=0.0)
