@@ -28,6 +28,7 @@ from .fleet import Fleet
 from .metrics import Metrics
 from .reaper import Reaper
 from .routing import Router, TableRouter
+from .passthrough import RateLimiter
 from .ssh.front import FrontConnection
 from .ssh.limits import LimitsConfig, PreauthLimiter
 
@@ -76,6 +77,12 @@ class Gateway:
         limits = config.limits or LimitsConfig()
         if limits != self.limiter.config:
             self.limiter = PreauthLimiter(limits, count=self.limiter._count)
+        self.password_machines = any(m.password_passthrough for m in config.machines.values())
+        if getattr(self, "_password_limits", None) != (limits.password_per_source_per_minute,
+                                                       limits.password_per_user_per_minute):
+            self._password_limits = (limits.password_per_source_per_minute, limits.password_per_user_per_minute)
+            self.password_sources = RateLimiter(limits.password_per_source_per_minute)
+            self.password_users = RateLimiter(limits.password_per_user_per_minute)
 
     async def start(self) -> None:
         """asyncio side: open every listener."""
@@ -94,7 +101,7 @@ class Gateway:
                 login_timeout=g.login_grace + max_boot + 60,
                 keepalive_interval=g.keepalive_interval, keepalive_count_max=3,
                 line_editor=False, encoding=None, allow_pty=True, agent_forwarding=True,
-                x11_forwarding=False, password_auth=False, kbdint_auth=False, gss_host=None,
+                x11_forwarding=False, password_auth=True, kbdint_auth=False, gss_host=None,
                 host_based_auth=False, **({} if "sock" in place else {"reuse_address": True}),
             )
             self._servers.append(server)

@@ -116,6 +116,7 @@ class MachineConfig:
     cert_validity: float = 300.0
     cert_source_address: tuple[str, ...] = ()
     host_ca_keys: tuple[str, ...] = ()
+    password_passthrough: bool = False
 
 
 @dataclass(frozen=True)
@@ -352,7 +353,8 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
     t = r.table(doc, "limits", "")
     d = LimitsConfig()
     r.unknown_keys(t, {"max_unauthenticated", "per_source_startups", "max_auth_tries", "penalty_after",
-                       "penalty_window", "penalty_duration", "exempt"}, "limits.")
+                       "penalty_window", "penalty_duration", "exempt", "password_per_source_per_minute",
+                       "password_per_user_per_minute"}, "limits.")
     start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
     startups = r.get(t, "per_source_startups", "limits.", str)
     if startups is not None:
@@ -379,6 +381,10 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
         penalty_window=r.get(t, "penalty_window", "limits.", float, d.penalty_window, check=_positive),
         penalty_duration=r.get(t, "penalty_duration", "limits.", float, d.penalty_duration, check=_non_negative),
         exempt=tuple(exempt),
+        password_per_source_per_minute=r.get(t, "password_per_source_per_minute", "limits.", int,
+                                             d.password_per_source_per_minute, check=positive_int),
+        password_per_user_per_minute=r.get(t, "password_per_user_per_minute", "limits.", int,
+                                           d.password_per_user_per_minute, check=positive_int),
     )
 
 
@@ -498,7 +504,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     machines: dict[str, MachineConfig] = {}
     common = {"backend", "user", "address", "host_key", "known_hosts", "identity", "boot_timeout",
               "idle_timeout", "min_uptime", "stop_timeout", "warm",
-              "passthrough_listen", "upstream_auth", "cert_validity", "cert_source_address", "host_ca_key"}
+              "passthrough_listen", "upstream_auth", "cert_validity", "cert_source_address", "host_ca_key",
+              "password_passthrough"}
     for name, mc in r.table(doc, "machines", "").items():
         prefix = f"machines.{name}."
         if not isinstance(mc, dict):
@@ -585,6 +592,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                                 check=lambda v: None if 30 <= v <= 86400 else "must be between 30 and 86400 seconds"),
             cert_source_address=r.str_list(mc, "cert_source_address", prefix),
             host_ca_keys=tuple(host_ca_m),
+            password_passthrough=r.get(mc, "password_passthrough", prefix, bool, False),
         )
 
     # [users.NAME]
@@ -605,9 +613,10 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             problem = _check_key_line(line)
             if problem:  # name the key the bad line came from: the inline list or the file
                 r.error(f"{prefix}authorized_keys[{i}]" if i < n_inline else f"{prefix}authorized_keys_file", problem)
-        if not keys and not ca_keys:
-            r.error(f"{prefix}authorized_keys", "missing; give the user's public keys, or configure [user_ca] keys")
         ms = r.str_list(u, "machines", prefix, required=True)
+        password_only = bool(ms) and all(machines[m].password_passthrough for m in ms if m in machines)
+        if not keys and not ca_keys and not password_only:
+            r.error(f"{prefix}authorized_keys", "missing; give the user's public keys, or configure [user_ca] keys")
         if "machines" in u and not ms:
             r.error(f"{prefix}machines", "must name at least one machine (the first is the default)")
         for mname in ms:

@@ -74,7 +74,7 @@ class Metrics:
         self.preauth_refusals = Counter(
             "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits.",
             ["reason"], registry=r)
-        for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout"):
+        for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate"):
             self.preauth_refusals.labels(reason)
         self.reaper_last_run = Gauge(
             "fleetgate_reaper_last_run_timestamp_seconds", "Unix time of the idle reaper's last completed pass.",

@@ -61,7 +61,7 @@ class ProcessBackend(Backend):
     TYPE = "process"
     BACKEND_OPTIONS = ("sshd", "start_delay", "stop_delay", "stop_timeout")
     MACHINE_OPTIONS = ("port", "host_key_file", "authorized_keys_file", "accept_env", "trusted_user_ca_keys_file",
-                       "host_certificate_file")
+                       "host_certificate_file", "password_authentication")
     PROVIDES_ADDRESS = True
 
     @classmethod
@@ -126,7 +126,7 @@ PidFile {d / 'sshd.pid'}
 UsePAM no
 StrictModes no
 PubkeyAuthentication yes
-PasswordAuthentication no
+PasswordAuthentication {"yes" if o.get("password_authentication") else "no"}
 KbdInteractiveAuthentication no
 PermitRootLogin prohibit-password
 AllowTcpForwarding yes

@@ -77,11 +77,7 @@ class FrontConnection(asyncssh.SSHServer):
             user, _ = split_login(username)
             ok = await original(user, key_data, msg, signature)
             if not ok:
-                self.gateway.metrics.auth_failures.labels("publickey").inc()
-                self._auth_failures += 1
-                if self._auth_failures >= self.gateway.config.limits.max_auth_tries:
-                    self.gateway.limiter.refuse(self.ip, "max_auth_tries")
-                    raise asyncssh.PermissionDenied("fleetgate: too many authentication failures")
+                self._failed_attempt("publickey")
                 return False
             if msg:  # the signature over the session id has been verified
                 self.gateway.limiter.authenticated(self.ip, conn)
@@ -90,6 +86,13 @@ class FrontConnection(asyncssh.SSHServer):
 
         conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
         self.gateway.add_connection(self)
+
+    def _failed_attempt(self, method: str) -> None:
+        self.gateway.metrics.auth_failures.labels(method).inc()
+        self._auth_failures += 1
+        if self._auth_failures >= self.gateway.config.limits.max_auth_tries:
+            self.gateway.limiter.refuse(self.ip, "max_auth_tries")
+            raise asyncssh.PermissionDenied("fleetgate: too many authentication failures")
 
     def _grace_expired(self) -> None:
         if not self._authorized and self.conn is not None:
@@ -162,8 +165,11 @@ class FrontConnection(asyncssh.SSHServer):
         self._banner(message)
         raise asyncssh.ServiceNotAvailable(message)
 
-    async def _after_auth(self, login: str) -> None:
-        """Route, wake and connect upstream, before USERAUTH_SUCCESS is sent."""
+    async def _after_auth(self, login: str, password: str | None = None) -> bool:
+        """Route, wake and connect upstream, before USERAUTH_SUCCESS is sent.
+
+        With a password (passthrough), the machine's sshd is the judge: a refusal there
+        returns False, a failed password attempt like any other."""
         gw = self.gateway
         if self._grace is not None:
             self._grace.cancel()
@@ -185,16 +191,19 @@ class FrontConnection(asyncssh.SSHServer):
                 self._refuse("wake_failed", exc.message)
             if self._closed:
                 lease.release()
-                return
+                return False
             self._lease = lease
             address = gw.fleet.machines[target.machine].address
             assert address is not None
             try:
                 self.upstream = await upstream_mod.connect(machine, address, target.upstream_user, gw.config.gateway,
-                                                           login=target.user, ca=gw.upstream_ca)
+                                                           login=target.user, ca=gw.upstream_ca, password=password)
             except upstream_mod.UpstreamError as exc:
                 lease.release()
                 self._lease = None
+                if password is not None and exc.reason == "upstream_auth":
+                    log.info("password refused by machine user=%s machine=%s peer=%s", user, target.machine, self.peer)
+                    return False
                 gw.metrics.upstream_failures.labels(exc.reason).inc()
                 if exc.reason == "upstream_error" and attempt == 1:
                     # The machine may have died since we last saw it: ask, and wake it again if so.
@@ -206,11 +215,38 @@ class FrontConnection(asyncssh.SSHServer):
             break
         if self._closed:
             self.upstream.close()
-            return
+            return False
         self._authorized = True
         self._count("authenticated")
-        self._audit("session_start", mode="relay")
+        self._audit("session_start", mode="relay", method="password" if password is not None else "publickey")
         log.info("connection authenticated user=%s machine=%s peer=%s", user, target.machine, self.peer)
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return self.gateway.password_machines
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        """Opt-in password passthrough: only the machine's own sshd can check the password,
+        so the machine is woken before the user is known — rate-limited per source and user."""
+        gw = self.gateway
+        user, want = split_login(username)
+        try:
+            target = await trio_asyncio.trio_as_aio(gw.router.route)(user, want)
+        except RoutingError:
+            target = None
+        if target is None or not gw.config.machines[target.machine].password_passthrough:
+            self._failed_attempt("password")
+            return False
+        now = time.monotonic()
+        if not gw.password_sources.allow(self.ip, now) or not gw.password_users.allow(user, now):
+            gw.limiter.refuse(self.ip, "password_rate")
+            self._failed_attempt("password")
+            return False
+        gw.limiter.authenticated(self.ip, self.conn)  # waking: the grace timer no longer applies
+        if await self._after_auth(username, password=password):
+            return True
+        self._failed_attempt("password")
+        return False
 
     # -- channels -------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 log = logging.getLogger(__name__)
 
 LOG_WINDOW = 60.0
-REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout")
+REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class LimitsConfig:
     penalty_window: float = 600.0   # ... within this many seconds ...
     penalty_duration: float = 300.0  # ... block the source this long
     exempt: tuple[str, ...] = ()    # CIDRs never penalised nor per-source limited
+    # Password passthrough wakes a machine before the user is known: a tight budget.
+    password_per_source_per_minute: int = 5
+    password_per_user_per_minute: int = 10
 
 
 class Closable(Protocol):

@@ -42,16 +42,20 @@ def _client_keys(mc: MachineConfig, upstream_user: str, login: str, ca: asyncssh
 
 
 async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: GatewayConfig,
-                  login: str = "", ca: asyncssh.SSHKey | None = None) -> asyncssh.SSHClientConnection:
-    """Open the upstream connection or raise UpstreamError with a sentence for the user."""
+                  login: str = "", ca: asyncssh.SSHKey | None = None,
+                  password: str | None = None) -> asyncssh.SSHClientConnection:
+    """Open the upstream connection or raise UpstreamError with a sentence for the user.
+
+    With a password (opt-in password passthrough) it is the only credential offered."""
     try:
         return await asyncssh.connect(
             address.host, address.port,
             username=upstream_user,
-            client_keys=_client_keys(mc, upstream_user, login, ca),
+            client_keys=None if password is not None else _client_keys(mc, upstream_user, login, ca),
+            password=password,
             known_hosts=_known_hosts(mc),
             config=None, agent_path=None, agent_forwarding=False,
-            password_auth=False, kbdint_auth=False, gss_auth=False, host_based_auth=False,
+            password_auth=password is not None, kbdint_auth=False, gss_auth=False, host_based_auth=False,
             encryption_algs=list(gw.ciphers), compression_algs=None,
             keepalive_interval=gw.keepalive_interval, keepalive_count_max=3,
             connect_timeout=CONNECT_TIMEOUT,
@@ -59,6 +63,8 @@ async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: G
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamError("host_key_mismatch", f"fleetgate: host key of {mc.name} changed; refusing to connect") from None
     except asyncssh.PermissionDenied:
+        if password is not None:
+            raise UpstreamError("upstream_auth", "fleetgate: permission denied") from None
         raise UpstreamError("upstream_auth", f"fleetgate: {mc.name} refused the gateway's key for {upstream_user}") from None
     except (OSError, asyncssh.Error, TimeoutError) as exc:
         raise UpstreamError("upstream_error", f"fleetgate: cannot reach {mc.name}: {exc}") from None
