@@ -185,6 +185,7 @@ class App:
             for issue in exc.issues:
                 log.error("reload rejected, old config stays in force: %s", issue)
             self.metrics.config_reloads.labels("failure").inc()
+            self.metrics.config_last_reload_ok.set(0)
             return False
         if new.gateway.listen != self.config.gateway.listen or new.metrics != self.config.metrics:
             log.warning("reload: listen addresses changed; they apply after a restart")
@@ -202,6 +203,7 @@ class App:
         self._backends = backends
         self.config = new
         self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload_ok.set(1)
         log.info("config reloaded users=%d machines=%d", len(new.users), len(new.machines))
         return True
 

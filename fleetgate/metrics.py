@@ -71,6 +71,11 @@ class Metrics:
             ["result"], registry=r)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
+        self.config_last_reload_ok = Gauge(
+            "fleetgate_config_last_reload_successful",
+            "1 if the last config (re)load succeeded, 0 if the file on disk was rejected and an older one is in force.",
+            registry=r)
+        self.config_last_reload_ok.set(1)
         self.preauth_refusals = Counter(
             "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits.",
             ["reason"], registry=r)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from helpers import ServeProcess, Session, make_fleet, run
+from helpers import ServeProcess, Session, make_fleet, run, sample
 
 
 def _write_setting(cfg: Path, table: str, line: str) -> None:
@@ -20,8 +20,21 @@ def _write_setting(cfg: Path, table: str, line: str) -> None:
     cfg.write_text(text.replace(f"[{table}]\n", f"[{table}]\n{line}\n", 1))
 
 
+async def _metric(serve: ServeProcess, name: str, **labels: str) -> float | None:
+    line = [ln for ln in serve.lines if "http listening address=" in ln][0]
+    port = int(line.rsplit(":", 1)[1])
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    return sample(text, name, **labels)
+
+
 async def test_sighup_reload_adds_a_user_keeps_sessions_and_rejects_a_broken_file(tmp_path, nursery):
     fleet, _ = make_fleet(tmp_path)
+    with open(fleet.config_path, "a") as f:
+        f.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
     serve = await ServeProcess(fleet.config_path).start(nursery)
     try:
         alice = await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
@@ -41,6 +54,8 @@ async def test_sighup_reload_adds_a_user_keeps_sessions_and_rejects_a_broken_fil
         serve.signal(signal.SIGHUP)
         line = await serve.wait_for("reload rejected")
         assert str(fleet.config_path) in line and "TOML syntax error" in line
+        assert await _metric(serve, "fleetgate_config_last_reload_successful") == 0.0
+        assert await _metric(serve, "fleetgate_config_reloads_total", result="failure") == 1.0
         r = await run(["ssh", *fleet.ssh_opts(serve.port), "carol@127.0.0.1", "echo old-config-stays"])
         assert (r.returncode, r.out) == (0, "old-config-stays\n"), r.err
         assert await alice.echo(b"and still\n") == b"and still\n"
