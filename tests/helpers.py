@@ -115,6 +115,8 @@ def make_fleet(tmp_path: Path, *, boot_delay: float = 0.0, patch: Callable[[dict
 
 
 async def start_gateway(nursery: trio.Nursery, fleet: Fleet, cfg: config_mod.Config, **app_kwargs: Any) -> Running:
+    """Run the gateway in the test's nursery; when the test ends, its machines are stopped too."""
+    app_kwargs.setdefault("stop_machines_on_exit", True)
     app = App(cfg, **app_kwargs)
     with trio.fail_after(30):
         fleet.running = await nursery.start(app.run)
