@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncssh
 
 from ..backends.base import Address
-from ..config import GatewayConfig, MachineConfig
+from ..config import UPSTREAM_CIPHERS, GatewayConfig, MachineConfig
 from .certs import CertPolicy, sign_session_key
 
 CONNECT_TIMEOUT = 15.0
@@ -56,7 +56,7 @@ async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: G
             known_hosts=_known_hosts(mc),
             config=None, agent_path=None, agent_forwarding=False,
             password_auth=password is not None, kbdint_auth=False, gss_auth=False, host_based_auth=False,
-            encryption_algs=list(gw.ciphers), compression_algs=None,
+            encryption_algs=list(UPSTREAM_CIPHERS), compression_algs=None,
             keepalive_interval=gw.keepalive_interval, keepalive_count_max=3,
             connect_timeout=CONNECT_TIMEOUT,
         )
