@@ -25,7 +25,7 @@ from fleetgate.backends.base import BackendError, PowerState
 from fleetgate.backends.http import HttpBackend, parse_start_answer, parse_status_answer
 from fleetgate.backends.process import ProcessBackend
 from fleetgate.config import BackendConfig, ConfigError, MachineConfig
-from helpers import free_port, make_fleet, run, start_gateway
+from helpers import Session, free_port, make_fleet, run, start_gateway
 
 JSON_TOKEN = "s3cret-json-token-6b1f"
 TEXT_TOKEN = "s3cret-text-token-91aa"
@@ -220,6 +220,7 @@ async def test_seed_contract_json_and_plain_text_and_retry_land_on_the_vm(tmp_pa
 
 async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nursery, monkeypatch):
     fleet, api = await api_gateway(tmp_path, nursery, BAD, monkeypatch)
+    bob = await Session(fleet.ssh("bob", "echo ready; cat")).open(nursery)  # another user, mid-session
     expected = {
         "html": ("start_error", "not an IP address: '<!DOCTYPE html><html><body>Welcome to nginx!"),
         "empty": ("start_error", "empty answer"),
@@ -253,6 +254,9 @@ async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nu
     assert r.returncode == 255 and "fleetgate retries in" in r.err, r.err
     assert fleet.metric("fleetgate_wake_failures_total", backend="api-hang", reason="cooldown") == 1
     assert api.count("hang") == 2
+    # Nothing else was disturbed: bob's session kept flowing through all of it.
+    assert await bob.echo(b"still flowing\n") == b"still flowing\n"
+    assert await bob.close() == 0
 
 
 # -- the parsers and the config checks, without a gateway ---------------------------------------

@@ -113,3 +113,32 @@ async def test_metrics_scraper_gone(tmp_path, nursery):
     assert r.status_code == 200 and "fleetgate_active_sessions" in r.text
     await mute.aclose()
     await bob_still_flows(bob)
+
+
+async def test_stop_error(tmp_path, nursery):
+    from fleetgate.backends.base import BackendError
+
+    def patch(doc):
+        doc["machines"]["alice"].update(idle_timeout=1, min_uptime=0)
+
+    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    assert (await run(fleet.ssh("alice", "true"))).returncode == 0
+    backend = fleet.machine("alice").backend
+    real_stop = backend.stop
+
+    async def broken_stop(machine):
+        if machine.name == "alice":
+            raise BackendError("the hypervisor refused the stop", "stop_failed")
+        await real_stop(machine)
+
+    backend.stop = broken_stop
+    with trio.fail_after(20):  # the reaper tries, fails, and says so
+        while fleet.metric("fleetgate_reaper_stops_total", backend="local", result="failure") < 1:
+            await fleet.machine("alice").changed.wait()
+    assert fleet.machine("alice").state.value == "unknown"
+    backend.stop = real_stop
+    r = await run(fleet.ssh("alice", "echo alice-still-reachable"))  # the next login finds it and goes on
+    assert (r.returncode, r.out) == (0, "alice-still-reachable\n"), r.err
+    await bob_still_flows(bob)
