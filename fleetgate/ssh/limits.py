@@ -15,7 +15,6 @@ hold connections open or guess keys. So
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import logging
 import random
@@ -26,6 +25,10 @@ from typing import Callable, Protocol
 log = logging.getLogger(__name__)
 
 LOG_WINDOW = 60.0
+# Like sshd's PerSourcePenalties max-sources: an attacker with more addresses than this (IPv6)
+# makes the oldest idle records be forgotten, never the table grow or each admission slow down.
+MAX_SOURCES = 65_536
+MAX_LOGGED = 10_000
 REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate")
 
 
@@ -53,8 +56,10 @@ class Closable(Protocol):
 
 @dataclass
 class _Source:
-    unauthenticated: collections.OrderedDict = field(default_factory=collections.OrderedDict)
-    failures: collections.deque = field(default_factory=collections.deque)
+    # Plain dict and list, not OrderedDict and deque: a quarter of the memory, and a flood
+    # from many addresses keeps one of these per address.
+    unauthenticated: dict = field(default_factory=dict)   # insertion order: oldest first
+    failures: list = field(default_factory=list)
     blocked_until: float = 0.0
 
 
@@ -66,6 +71,7 @@ class PreauthLimiter:
         self._clock = clock
         self._rng = rng or random.Random()
         self._sources: dict[str, _Source] = {}
+        self._holding: dict[str, _Source] = {}  # the sources with unauthenticated connections
         self._total = 0
         self._exempt = [ipaddress.ip_network(c, strict=False) for c in config.exempt]
         self._logged: dict[tuple[str, str], float] = {}
@@ -86,8 +92,10 @@ class PreauthLimiter:
             self._logged[key] = now
             log.warning("pre-auth refusal source=%s reason=%s (further ones from this source are counted, "
                         "not logged, for %.0f s)", ip, reason, LOG_WINDOW)
-            if len(self._logged) > 10_000:  # bounded memory under a spoofed-source flood
+            if len(self._logged) > MAX_LOGGED:  # bounded memory under a spoofed-source flood
                 self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_WINDOW}
+                if len(self._logged) > MAX_LOGGED // 2:  # still full: keep the newest half (amortised O(1))
+                    self._logged = dict(list(self._logged.items())[-(MAX_LOGGED // 2):])
 
     def admit(self, ip: str, conn: Closable) -> bool:
         """Decide on a new connection; on True it counts as unauthenticated until settled."""
@@ -112,24 +120,38 @@ class PreauthLimiter:
         if self._total >= c.max_unauthenticated:
             self._evict_one()
         if src is None:
-            if len(self._sources) > 50_000:
+            if len(self._sources) >= MAX_SOURCES:
                 self._prune(now)
             src = self._sources[ip] = _Source()
         src.unauthenticated[id(conn)] = (now, conn)
+        self._holding[ip] = src
         self._total += 1
         return True
 
     def _prune(self, now: float) -> None:
-        """Forget sources with nothing held, no recent failure and no block (bounded memory)."""
+        """Forget sources with nothing held, no recent failure and no block (bounded memory).
+
+        If that is not enough (more addresses than MAX_SOURCES failed recently), forget
+        the oldest idle ones, unblocked first, down to three quarters of the cap: the
+        next prune is then a quarter of the cap away, so admissions stay O(1) amortised.
+        """
         window = self.config.penalty_window
         self._sources = {ip: s for ip, s in self._sources.items()
                          if s.unauthenticated or s.blocked_until > now
                          or (s.failures and now - s.failures[-1] <= window)}
+        excess = len(self._sources) - MAX_SOURCES * 3 // 4
+        for blocked in (False, True):
+            if excess <= 0:
+                break
+            idle = [ip for ip, s in self._sources.items()
+                    if not s.unauthenticated and (s.blocked_until > now) == blocked][:excess]
+            for ip in idle:
+                del self._sources[ip]
+            excess -= len(idle)
 
     def _evict_one(self) -> None:
         """Make room: the oldest unauthenticated connection of the source holding the most."""
-        ip, src = max(((ip, s) for ip, s in self._sources.items() if s.unauthenticated),
-                      key=lambda item: len(item[1].unauthenticated))
+        ip, src = max(self._holding.items(), key=lambda item: len(item[1].unauthenticated))
         key, (_, conn) = next(iter(src.unauthenticated.items()))
         self._settle(ip, key)
         self.refuse(ip, "evicted")
@@ -140,8 +162,10 @@ class PreauthLimiter:
         if src is None or src.unauthenticated.pop(key, None) is None:
             return False
         self._total -= 1
-        if not src.unauthenticated and not src.failures and src.blocked_until <= self._clock():
-            del self._sources[ip]
+        if not src.unauthenticated:
+            self._holding.pop(ip, None)
+            if not src.failures and src.blocked_until <= self._clock():
+                del self._sources[ip]
         return True
 
     def authenticated(self, ip: str, conn: Closable) -> None:
@@ -153,10 +177,14 @@ class PreauthLimiter:
             return
         c = self.config
         now = self._clock()
-        src = self._sources.setdefault(ip, _Source())
+        src = self._sources.get(ip)
+        if src is None:
+            src = self._sources[ip] = _Source()
         src.failures.append(now)
-        while src.failures and now - src.failures[0] > c.penalty_window:
-            src.failures.popleft()
+        stale = 0
+        while stale < len(src.failures) and now - src.failures[stale] > c.penalty_window:
+            stale += 1
+        del src.failures[:stale]
         if len(src.failures) >= c.penalty_after:
             src.blocked_until = now + c.penalty_duration
             src.failures.clear()
