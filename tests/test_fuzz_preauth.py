@@ -462,13 +462,13 @@ def save_crash_cases(tmp_path: Path, cases: dict[int, tuple[str, Any]]) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known bug: every pre-auth connection leaves two cancelled asyncio TimerHandles (asyncssh's login_timeout "
-    "= login_grace + max boot_timeout + 60 s, and front.py's grace timer) in trio-asyncio's timer heap, which "
-    "never purges cancelled timers, so ~0.3-0.6 KiB per connection stays until each timer's deadline"))
+    "known bug: every pre-auth connection leaves two cancelled asyncio TimerHandles (asyncssh's login_timeout, "
+    "login_grace + max(600, boot_timeout) + 60 s in app.py, and front.py's grace timer) in trio-asyncio's timer "
+    "heap, which never purges cancelled timers: ~0.4 KiB per connection stays until each timer's deadline"))
 async def test_ended_preauth_connections_leave_no_memory_behind(tmp_path, nursery):
     """Memory held after a connection has gone is memory an attacker rents for free: at
-    the rate one scanner reaches (~700 connections/s here) and a QEMU fleet's 300 s boot
-    timeout, what lingers per connection is multiplied by a quarter of a million."""
+    the rate one scanner reaches (~700 connections/s here) and asyncssh's login timeout
+    (~11 minutes by default), what lingers per connection is multiplied by half a million."""
     import gc
     import tracemalloc
 
