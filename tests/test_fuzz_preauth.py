@@ -59,7 +59,7 @@ async def record_corpus(gw: GatewayProcess, tmp_path: Path) -> list[bytes]:
     openssh_variants = [
         ["alice"], ["mallory"], ["alice+bob"], ["-C", "bob"],
         ["-o", "KexAlgorithms=ecdh-sha2-nistp256", "-c", "aes128-ctr", "-o", "MACs=hmac-sha2-256", "alice"],
-        ["-o", "KexAlgorithms=diffie-hellman-group14-sha256", "-c", "chacha20-poly1305@openssh.com", "root"],
+        ["-o", "KexAlgorithms=curve25519-sha256@libssh.org", "-c", "chacha20-poly1305@openssh.com", "root"],
         ["-o", "HostKeyAlgorithms=rsa-sha2-512,ssh-ed25519", "-c", "aes256-gcm@openssh.com", "nobody"],
     ]
     asyncssh_variants: list[dict[str, Any]] = [
@@ -461,14 +461,10 @@ def save_crash_cases(tmp_path: Path, cases: dict[int, tuple[str, Any]]) -> None:
         (d / f"case-{i}-{name}.bin").write_bytes(data)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: every pre-auth connection leaves two cancelled asyncio TimerHandles (asyncssh's login_timeout, "
-    "login_grace + max(600, boot_timeout) + 60 s in app.py, and front.py's grace timer) in trio-asyncio's timer "
-    "heap, which never purges cancelled timers: ~0.4 KiB per connection stays until each timer's deadline"))
 async def test_ended_preauth_connections_leave_no_memory_behind(tmp_path, nursery):
     """Memory held after a connection has gone is memory an attacker rents for free: at
     the rate one scanner reaches (~700 connections/s here) and asyncssh's login timeout
-    (~11 minutes by default), what lingers per connection is multiplied by half a million."""
+    (formerly ~11 minutes), what lingers per connection is multiplied by half a million."""
     import gc
     import tracemalloc
 

@@ -44,7 +44,6 @@ class FrontConnection(asyncssh.SSHServer):
         self.target_machine = ""
         self.upstream: asyncssh.SSHClientConnection | None = None
         self._lease: Lease | None = None
-        self._grace: asyncio.TimerHandle | None = None
         self._closed = False
         self._authorized = False
         self._t0 = time.monotonic()
@@ -69,8 +68,7 @@ class FrontConnection(asyncssh.SSHServer):
             conn.abort()
             return
         self._admitted = True
-        self._grace = asyncio.get_running_loop().call_later(
-            self.gateway.config.gateway.login_grace, self._grace_expired)
+        self.gateway.grace.start(self)
         original = conn.validate_public_key
 
         async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
@@ -94,7 +92,8 @@ class FrontConnection(asyncssh.SSHServer):
             self.gateway.limiter.refuse(self.ip, "max_auth_tries")
             raise asyncssh.PermissionDenied("fleetgate: too many authentication failures")
 
-    def _grace_expired(self) -> None:
+    def grace_expired(self) -> None:
+        """Called by the gateway's GraceClock when login_grace passed without authentication."""
         if not self._authorized and self.conn is not None:
             self.gateway.limiter.refuse(self.ip, "preauth_timeout")
             self._count("preauth_timeout")
@@ -104,8 +103,7 @@ class FrontConnection(asyncssh.SSHServer):
         self._closed = True
         if self._admitted:
             self.gateway.limiter.closed(self.ip, self.conn, failed_auth=self._auth_failures > 0)
-        if self._grace is not None:
-            self._grace.cancel()
+        self.gateway.grace.stop(self)
         self.gateway.remove_connection(self)
         for pipe in list(self._pipes):
             pipe.abort()
@@ -171,8 +169,7 @@ class FrontConnection(asyncssh.SSHServer):
         With a password (passthrough), the machine's sshd is the judge: a refusal there
         returns False, a failed password attempt like any other."""
         gw = self.gateway
-        if self._grace is not None:
-            self._grace.cancel()
+        self.gateway.grace.stop(self)
         self.login = login
         user, want = split_login(login)
         try:
