@@ -217,6 +217,11 @@ async def test_jump_mode_end_to_end_and_refusals(tmp_path, nursery):
     assert r.returncode == 255
     assert "alice may not jump to bob:22" in r.err
     assert fleet.machine("bob").state.value == "stopped"
+    # End of input on a jump closes it both ways: no process, connection or lease lingers.
+    r = await run(["ssh", *fleet.ssh_opts(), "-W", "alice:22", "alice@127.0.0.1"], stdin=b"", timeout=15)
+    assert r.returncode == 0 and r.out.startswith("SSH-2.0-"), r.err
+    with trio.fail_after(10):
+        await fleet.running.fleet.wait_sessions(fleet.machine("alice"), 0)
     r = await run(["ssh", *fleet.ssh_opts(), "-W", "somewhere.invalid:22", "alice@127.0.0.1"])
     assert r.returncode == 255
     assert "forwarding to somewhere.invalid:22 is not allowed" in r.err

@@ -278,6 +278,7 @@ class _Half(asyncssh.SSHTCPSession, asyncio.Protocol):
         self.end: Any = None
         self.peer: "_Half" = self
         self.closed = False
+        self.eof = False
 
     def connection_made(self, end: Any) -> None:
         self.end = end
@@ -292,12 +293,20 @@ class _Half(asyncssh.SSHTCPSession, asyncio.Protocol):
         self.peer.end.write(data)
 
     def eof_received(self) -> bool:
+        """Pass the half-close on; once both directions have ended, close both ends
+        (neither an SSH channel nor a socket closes itself after a two-way EOF)."""
+        self.eof = True
         peer_end = self.peer.end
         if peer_end is not None and not self.peer.closed:
             try:
                 peer_end.write_eof()
             except (OSError, RuntimeError):
                 pass
+        if self.peer.eof:
+            for half in (self, self.peer):
+                if half.end is not None and not half.closed:
+                    half.closed = True
+                    half.end.close()
         return True
 
     def pause_writing(self) -> None:
