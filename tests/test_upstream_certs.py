@@ -61,46 +61,33 @@ async def test_session_with_only_the_ca_line_and_refused_bad_certificates(tmp_pa
             assert await _login(port, user, *wrong) == "denied"
 
 
-async def test_host_certificate_from_a_host_ca(tmp_path, nursery):
-    hostca = tmp_path / "host_ca"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostca)], check=True)
-    other = tmp_path / "other_ca"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
-
-    def patch_for(ca_pub):
-        def patch(doc):
-            m = doc["machines"]["bob"]
-            hk = tmp_path / "fleet" / "machines" / "bob" / "ssh_host_ed25519_key"
-            subprocess.run(["ssh-keygen", "-q", "-s", str(hostca), "-I", "bob", "-h", "-n", "127.0.0.1",
-                            f"{hk}.pub"], check=True, capture_output=True)
-            m["host_certificate_file"] = f"{hk}-cert.pub"
-            del m["host_key"]  # nothing pinned: only the host CA vouches for bob
-            m["host_ca_key"] = ca_pub.read_text().strip()
-        return patch
-
-    fleet, cfg = make_fleet(tmp_path, patch=patch_for(tmp_path / "host_ca.pub"))
-    running = await start_gateway(nursery, fleet, cfg)
-    r = await run(fleet.ssh("bob", "echo vouched"))
-    assert (r.returncode, r.out) == (0, "vouched\n"), r.err
-    running.shutdown.set()
-
-
-async def test_host_certificate_from_an_unknown_ca_is_refused(tmp_path, nursery):
-    hostca = tmp_path / "host_ca"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostca)], check=True)
-    other = tmp_path / "other_ca"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+def _host_cert_patch(tmp_path, trusted: str):
+    """bob's sshd presents a host certificate signed by host_ca; the gateway trusts `trusted`
+    (host_ca or other_ca) and pins no key: only a CA can vouch for bob."""
+    for name in ("host_ca", "other_ca"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
 
     def patch(doc):
         m = doc["machines"]["bob"]
         hk = tmp_path / "fleet" / "machines" / "bob" / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-s", str(hostca), "-I", "bob", "-h", "-n", "127.0.0.1", f"{hk}.pub"],
-                       check=True, capture_output=True)
+        subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "host_ca"), "-I", "bob", "-h", "-n", "127.0.0.1",
+                        f"{hk}.pub"], check=True, capture_output=True)
         m["host_certificate_file"] = f"{hk}-cert.pub"
         del m["host_key"]
-        m["host_ca_key"] = (tmp_path / "other_ca.pub").read_text().strip()
+        m["host_ca_key"] = (tmp_path / f"{trusted}.pub").read_text().strip()
 
-    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    return patch
+
+
+async def test_host_certificate_from_a_host_ca(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path, patch=_host_cert_patch(tmp_path, "host_ca"))
+    await start_gateway(nursery, fleet, cfg)
+    r = await run(fleet.ssh("bob", "echo vouched"))
+    assert (r.returncode, r.out) == (0, "vouched\n"), r.err
+
+
+async def test_host_certificate_from_an_unknown_ca_is_refused(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path, patch=_host_cert_patch(tmp_path, "other_ca"))
     await start_gateway(nursery, fleet, cfg)
     r = await run(fleet.ssh("bob", "echo no"))
     assert r.returncode == 255
