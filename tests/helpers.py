@@ -148,6 +148,23 @@ async def run(argv: Sequence[str], *, timeout: float = 60, stdin: bytes | None =
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+async def spawn_until(argv: Sequence[str], marker: bytes, log: Path, timeout: float = 30,
+                      **popen: Any) -> tuple[trio.Process, bytes]:
+    """Start a program (stderr to `log`) and return once its stdout has shown `marker`."""
+    with open(log, "wb") as logf:
+        proc = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE, stderr=logf,
+                                                stdin=subprocess.DEVNULL, **popen)
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(timeout):
+        while marker not in buf:
+            chunk = await proc.stdout.receive_some(4096)
+            if not chunk:
+                raise RuntimeError(f"{argv[0]} exited early:\n{log.read_text()}")
+            buf += chunk
+    return proc, buf
+
+
 class DemoProcess:
     """`fleetgate demo` as a real subprocess, the way a user runs it."""
 
@@ -162,20 +179,9 @@ class DemoProcess:
 
     async def __aenter__(self) -> "DemoProcess":
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        logf = open(self.log, "wb")
-        self.proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "fleetgate", "demo", *self.args],
-            stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL)
-        logf.close()
-        assert self.proc.stdout is not None
-        buf = b""
-        with trio.fail_after(30):
-            while b"Ctrl-C stops" not in buf:
-                chunk = await self.proc.stdout.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError(f"demo exited early:\n{self.log.read_text()}")
-                buf += chunk
-        self.banner = buf.decode()
+        self.proc, out = await spawn_until([sys.executable, "-m", "fleetgate", "demo", *self.args],
+                                           b"Ctrl-C stops", self.log)
+        self.banner = out.decode()
         return self
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -21,7 +21,6 @@ import os
 import secrets
 import signal
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, Fleet, free_port, make_fleet, run, sample  # noqa: E402
+from helpers import REPO, Fleet, free_port, make_fleet, run, sample, spawn_until  # noqa: E402
 
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
 MSG_KEXINIT = 20
@@ -279,20 +278,9 @@ class GatewayProcess:
         self.fleet = Fleet(d, d / "fleetgate.toml")
 
     async def __aenter__(self) -> "GatewayProcess":
-        logf = open(self.log, "wb")
-        self.proc = await trio.lowlevel.open_process(
+        self.proc, buf = await spawn_until(
             [*taskset(self.cpus), sys.executable, str(Path(__file__).resolve()), "serve", str(self.tmp_path),
-             json.dumps(self.patch)],
-            stdout=subprocess.PIPE, stderr=logf, stdin=subprocess.DEVNULL, cwd=str(REPO))
-        logf.close()
-        assert self.proc.stdout is not None
-        buf = b""
-        with trio.fail_after(60):
-            while b"\n" not in buf:
-                chunk = await self.proc.stdout.receive_some(4096)
-                if not chunk:
-                    raise RuntimeError(f"gateway exited early:\n{self.log.read_text()}")
-                buf += chunk
+             json.dumps(self.patch)], b"\n", self.log, timeout=60, cwd=str(REPO))
         word, port = buf.split(b"\n")[0].split()
         assert word == b"READY", buf
         self.port = int(port)
