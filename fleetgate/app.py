@@ -240,16 +240,22 @@ class App:
         running.shutdown.set()
 
     async def handle_signals(self) -> None:
-        """SIGHUP reloads; SIGTERM and SIGINT drain, then shut down."""
-        with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading %s", self.config.path)
-                    self.reload()
-                else:
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    await self.drain()
-                    return
+        """SIGHUP reloads; SIGTERM or SIGINT drains, then shuts down; a second one shuts down at once."""
+        draining = False
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading %s", self.config.path)
+                        self.reload()
+                    elif not draining:
+                        log.info("%s: draining, then shutting down (again to stop now)", signal.Signals(signum).name)
+                        draining = True
+                        nursery.start_soon(self.drain)
+                    else:
+                        log.warning("%s again: shutting down now", signal.Signals(signum).name)
+                        assert self._running is not None
+                        self._running.shutdown.set()
 
     async def _http(self, method: str, path: str, query: dict) -> tuple[int, str, bytes]:
         if method not in ("GET", "HEAD"):

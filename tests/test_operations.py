@@ -151,3 +151,18 @@ async def test_systemd_socket_activation(tmp_path, nursery):
         assert (r.returncode, r.out) == (0, "activated\n"), r.err
     finally:
         await serve.kill()
+
+
+async def test_a_second_sigterm_during_the_drain_stops_at_once(tmp_path, nursery):
+    fleet, _ = make_fleet(tmp_path)
+    _write_setting(fleet.config_path, "gateway", "drain_timeout = 300")
+    serve = await ServeProcess(fleet.config_path).start(nursery)
+    try:
+        await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
+        serve.signal(signal.SIGTERM)
+        await serve.wait_for("draining connections=1")
+        serve.signal(signal.SIGTERM)
+        assert await serve.wait(timeout=15) == 0  # not the 300 s drain
+        await serve.wait_for("again: shutting down now")
+    finally:
+        await serve.kill()
