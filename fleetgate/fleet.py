@@ -110,15 +110,10 @@ class Fleet:
         self._ready_probe = ready_probe
         self._nursery = nursery
         self.machines: dict[str, Machine] = {}
-        for name, mc in machines.items():
-            backend = backends[mc.backend]
-            backend.on_machine_exited = self.machine_exited
-            self.machines[name] = Machine(mc, backend)
-            metrics.add_machine(name, backend.name)
-            metrics.set_state(name, State.UNKNOWN.value)
+        self.apply(machines, backends)
 
     def apply(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend]) -> None:
-        """A reloaded config: new machines join, changed ones take their new settings.
+        """The config at start, or a reloaded one: new machines join, changed ones take their new settings.
 
         A running machine keeps the backend instance that started it until it stops (so
         the right one stops it); a machine no longer in the config is left to the reaper
@@ -132,7 +127,7 @@ class Fleet:
                 self.machines[name] = Machine(mc, backend)
                 self.metrics.add_machine(name, backend.name)
                 self.metrics.set_state(name, State.UNKNOWN.value)
-                log.info("machine added by reload machine=%s", name)
+                log.info("machine added machine=%s backend=%s", name, backend.name)
                 continue
             m.config = mc
             if m.backend is not backend:
