@@ -45,11 +45,16 @@ FRONT_KEX_ALGS = [a.decode() for a in asyncssh.kex.get_kex_algs()
                   if not a.startswith((b"gss-", b"diffie-hellman", b"rsa"))]
 
 
-def build_backends(config: Config) -> dict[str, Backend]:
-    return {
-        name: BACKEND_TYPES[b.type](b, partial(resolve_path, config.base_dir), config.gateway.state_dir)
-        for name, b in config.backends.items()
-    }
+def build_backends(config: Config, previous: dict[str, Backend] | None = None) -> dict[str, Backend]:
+    """One instance per [backends.NAME]; on a reload, an unchanged backend keeps its instance
+    (and with it the processes it watches)."""
+    resolve = partial(resolve_path, config.base_dir)
+    out = {}
+    for name, b in config.backends.items():
+        old = (previous or {}).get(name)
+        out[name] = old if old is not None and old.config == b else \
+            BACKEND_TYPES[b.type](b, resolve, config.gateway.state_dir)
+    return out
 
 
 class Gateway:
@@ -205,15 +210,11 @@ class App:
             return False
         if new.gateway.listen != self.config.gateway.listen or new.metrics != self.config.metrics:
             log.warning("reload: listen addresses changed; they apply after a restart")
-        resolve = partial(resolve_path, new.base_dir)
-        backends = {}
-        for name, b in new.backends.items():
-            old = self._backends.get(name)
-            if old is not None and old.config == b:
-                backends[name] = old
-            else:
-                backends[name] = BACKEND_TYPES[b.type](b, resolve, new.gateway.state_dir)
-                self._nursery.start_soon(backends[name].run)
+        backends = build_backends(new, self._backends)
+        old = set(self._backends.values())
+        for b in backends.values():
+            if b not in old:
+                self._nursery.start_soon(b.run)
         running.fleet.apply(new.machines, backends)
         running.gateway.apply(new, TableRouter(new.users, new.machines))
         self._backends = backends
