@@ -17,6 +17,18 @@ from ..config import BackendConfig, HostPort, MachineConfig
 PathResolver = Callable[[str | None], Path | None]
 
 
+def is_port(value: Any) -> bool:
+    """A TCP port number (TOML booleans are ints in Python, and are not ports)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+
+
+def is_seconds(value: Any, *, allow_zero: bool) -> bool:
+    """A duration in seconds: a number, > 0 or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 if allow_zero else value > 0
+
+
 class PowerState(enum.Enum):
     RUNNING = "running"
     STOPPED = "stopped"

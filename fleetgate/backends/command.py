@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 import trio
 
 from ..config import BackendConfig, MachineConfig, parse_host_port
-from .base import Address, Backend, BackendError, PathResolver, PowerState
+from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 from .http import parse_ip, power_state
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,13 @@ class CommandBackend(Backend):
                 yield op, f"no executable '{cmd[0]}' (not on PATH nor a file relative to the config)"
         for op in OPS:
             v = opts.get(f"{op}_timeout")
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            if v is not None and not is_seconds(v, allow_zero=False):
                 yield f"{op}_timeout", f"must be a number of seconds > 0, got {v!r}"
 
     @classmethod
     def check_machine_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
         port = opts.get("ssh_port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        if port is not None and not is_port(port):
             yield "ssh_port", f"must be a TCP port number (used with an address printed without one), got {port!r}"
         name = opts.get("vm_name")
         if name is not None and (not isinstance(name, str) or not name):

@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from ..config import BackendConfig, MachineConfig
-from .base import Address, Backend, BackendError, PathResolver, PowerState
+from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,13 @@ class HttpBackend(Backend):
             if v is not None and (not isinstance(v, str) or not v):
                 yield key, "must be a non-empty JSON field name"
         v = opts.get("timeout")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        if v is not None and not is_seconds(v, allow_zero=False):
             yield "timeout", f"must be a number of seconds > 0 (each request), got {v!r}"
         v = opts.get("retries")
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 20):
             yield "retries", f"must be a whole number from 0 to 20 (extra attempts on errors and 5xx), got {v!r}"
         v = opts.get("backoff")
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+        if v is not None and not is_seconds(v, allow_zero=True):
             yield "backoff", f"must be a number of seconds >= 0 (first retry delay, doubling), got {v!r}"
         v = opts.get("verify_tls")
         if v is not None and not isinstance(v, (bool, str)):
@@ -181,7 +181,7 @@ class HttpBackend(Backend):
     @classmethod
     def check_machine_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
         port = opts.get("ssh_port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        if port is not None and not is_port(port):
             yield "ssh_port", f"must be a TCP port number (the machine's sshd, default 22), got {port!r}"
         name = opts.get("vm_name")
         if name is not None and (not isinstance(name, str) or not name):

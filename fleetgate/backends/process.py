@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 import trio
 
 from ..config import MachineConfig
-from .base import Address, Backend, BackendError, PathResolver, PowerState
+from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class ProcessBackend(Backend):
             yield "sshd", "no sshd found on this machine; install openssh-server or set sshd = PATH"
         for key in ("start_delay", "stop_delay", "stop_timeout"):
             v = opts.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
+            if v is not None and not is_seconds(v, allow_zero=True):
                 yield key, f"must be a number of seconds >= 0, got {v!r}"
 
     @classmethod
@@ -81,7 +81,7 @@ class ProcessBackend(Backend):
         port = opts.get("port")
         if port is None:
             yield "port", "missing; the loopback port this machine's sshd listens on"
-        elif isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        elif not is_port(port):
             yield "port", f"must be a TCP port number, got {port!r}"
         for key in ("host_key_file", "authorized_keys_file"):
             v = opts.get(key)

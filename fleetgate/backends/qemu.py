@@ -36,7 +36,7 @@ import trio
 from .. import probe
 from ..config import BackendConfig, MachineConfig
 from . import qmp as qmp_mod
-from .base import Address, Backend, BackendError, PathResolver, PowerState
+from .base import Address, Backend, BackendError, is_port, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class QemuBackend(Backend):
         if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 64:
             yield "cpus", f"must be an integer from 1 to 64, got {cpus!r}"
         port = opts.get("port")
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+        if port is not None and not is_port(port):
             yield "port", f"must be a TCP port number (leave it out to let fleetgate pick one), got {port!r}"
         extra = opts.get("extra_args")
         if extra is not None and (not isinstance(extra, list) or not all(isinstance(a, str) for a in extra)):
