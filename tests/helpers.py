@@ -203,13 +203,18 @@ class DemoProcess:
         ]
 
     async def metrics(self) -> str:
-        import httpx
+        return await fetch_metrics(self.metrics_port)
 
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(10):
-                r = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
-        r.raise_for_status()
-        return r.text
+
+async def fetch_metrics(port: int) -> str:
+    """A gateway's /metrics text, fetched like a scraper does (bounded)."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(10):
+            r = await client.get(f"http://127.0.0.1:{port}/metrics")
+    r.raise_for_status()
+    return r.text
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, Fleet, free_port, make_fleet, run, sample, spawn_until  # noqa: E402
+from helpers import REPO, Fleet, free_port, make_fleet, run, fetch_metrics, sample, spawn_until  # noqa: E402
 
 CLIENT_BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10\r\n"
 MSG_KEXINIT = 20
@@ -315,13 +315,7 @@ class GatewayProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def metrics(self) -> str:
-        import httpx
-
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(10):
-                r = await client.get(f"http://127.0.0.1:{self.metrics_port}/metrics")
-        r.raise_for_status()
-        return r.text
+        return await fetch_metrics(self.metrics_port)
 
     async def metric(self, name: str, **labels: str) -> float:
         return sample(await self.metrics(), name, **labels) or 0.0

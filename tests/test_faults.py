@@ -10,7 +10,7 @@ import subprocess
 import trio
 
 from fleetgate.backends.process import descendants
-from helpers import Session, make_fleet, run, start_gateway
+from helpers import Session, fetch_metrics, make_fleet, run, start_gateway
 
 
 async def open_bob(fleet, nursery) -> Session:
@@ -105,12 +105,7 @@ async def test_metrics_scraper_gone(tmp_path, nursery):
     await rude.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     await rude.aclose()
     mute = await trio.open_tcp_stream("127.0.0.1", port)
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        with trio.fail_after(10):
-            r = await client.get(f"http://127.0.0.1:{port}/metrics")
-    assert r.status_code == 200 and "fleetgate_active_sessions" in r.text
+    assert "fleetgate_active_sessions" in await fetch_metrics(port)  # raises unless 200
     await mute.aclose()
     await bob_still_flows(bob)
 

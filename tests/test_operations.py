@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from helpers import ServeProcess, Session, make_fleet, run, sample
+from helpers import ServeProcess, Session, fetch_metrics, make_fleet, run, sample
 
 
 def _write_setting(cfg: Path, table: str, line: str) -> None:
@@ -22,13 +22,7 @@ def _write_setting(cfg: Path, table: str, line: str) -> None:
 
 async def _metric(serve: ServeProcess, name: str, **labels: str) -> float | None:
     line = [ln for ln in serve.lines if "http listening address=" in ln][0]
-    port = int(line.rsplit(":", 1)[1])
-    import httpx
-
-    async with httpx.AsyncClient() as client:
-        with trio.fail_after(10):
-            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-    return sample(text, name, **labels)
+    return sample(await fetch_metrics(int(line.rsplit(":", 1)[1])), name, **labels)
 
 
 async def test_sighup_reload_adds_a_user_keeps_sessions_and_rejects_a_broken_file(tmp_path, nursery):
