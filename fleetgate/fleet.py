@@ -222,7 +222,7 @@ class Fleet:
                                                    f"({m.stop_error}); try again in a moment")
                 continue
             if m.state is State.FAILED:
-                left = m.failed_at + FAILURE_COOLDOWN - trio.current_time()
+                left = self._cooldown_left(m)
                 if left > 0:
                     assert m.failure is not None
                     self.metrics.wake_failures.labels(m.backend.name, "cooldown").inc()
@@ -371,9 +371,13 @@ class Fleet:
     def wake_in_background(self, name: str) -> None:
         """Start a wake nobody waits for (keep-awake, warm schedules); failures are counted as usual."""
         m = self.machines[name]
-        if m.state in (State.STOPPED, State.UNKNOWN) or (
-                m.state is State.FAILED and trio.current_time() - m.failed_at >= FAILURE_COOLDOWN):
+        if m.state in (State.STOPPED, State.UNKNOWN) or (m.state is State.FAILED and self._cooldown_left(m) <= 0):
             self._begin_wake(m)
+
+    @staticmethod
+    def _cooldown_left(m: Machine) -> float:
+        """Seconds before a failed machine may be woken again (no retry loop against a broken backend)."""
+        return m.failed_at + FAILURE_COOLDOWN - trio.current_time()
 
     # -- stopping ------------------------------------------------------------------------
 
