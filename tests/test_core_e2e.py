@@ -272,6 +272,9 @@ async def test_refused_logins_never_wake_anything(tmp_path, nursery):
     assert fleet.backend_calls("start") == 0
     assert fleet.machine("alice").state.value == "stopped"
     assert fleet.metric("fleetgate_auth_failures_total", method="publickey") >= len(attempts)
+    with trio.fail_after(10):  # each refused client has exited; the gateway counts its connection's end
+        while fleet.metric("fleetgate_connections_total", result="auth_failed") < len(attempts):
+            await fleet.running.gateway.connections_changed.wait()
 
     # The control: a valid certificate from the same CA gets in (and only then wakes alice).
     r = await run(with_key("alice", *valid))

@@ -56,6 +56,7 @@ class FrontConnection(asyncssh.SSHServer):
         self.ip = "?"
         self._admitted = False
         self._auth_failures = 0
+        self._closed_counted = False  # the connection's outcome went into fleetgate_connections_total
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -122,9 +123,7 @@ class FrontConnection(asyncssh.SSHServer):
             self._audit("session_end", mode="relay", bytes_up=self.bytes_up, bytes_down=self.bytes_down,
                         seconds=round(seconds, 3), result="error" if exc else "closed")
         elif not self._closed_counted:
-            self.gateway.metrics.connections.labels("closed_preauth").inc()
-
-    _closed_counted = False
+            self._count("auth_failed" if self._auth_failures else "closed_preauth")
 
     def _audit(self, event: str, **fields: Any) -> None:
         self.gateway.audit.write(event, user=self.target.user if self.target else split_login(self.login)[0],
