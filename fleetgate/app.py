@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .reaper import Reaper
 from .routing import Router, TableRouter
 from .passthrough import RateLimiter
-from .ssh import tuning
+from .ssh import internals
 from .ssh.front import FrontConnection
 from .ssh.grace import GraceClock
 from .ssh.limits import LimitsConfig, PreauthLimiter
@@ -281,7 +281,7 @@ class App:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until `Running.shutdown` is set."""
         if self.config.gateway.relay_tuning:
-            tuning.apply()
+            internals.apply_relay_tuning()
         backends = self._backends = build_backends(self.config)
         async with trio_asyncio.open_loop():
             async with trio.open_nursery() as nursery:

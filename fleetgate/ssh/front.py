@@ -21,6 +21,7 @@ import trio_asyncio
 
 from ..fleet import Lease, WakeError
 from ..routing import RoutingError, Target, split_login
+from . import internals
 from . import upstream as upstream_mod
 from .relay import Pipe, SessionRelay
 
@@ -70,11 +71,7 @@ class FrontConnection(asyncssh.SSHServer):
             return
         self._admitted = True
         self.gateway.grace.start(self)
-        original = conn.validate_public_key
-
-        async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
-            user, _ = split_login(username)
-            ok = await original(user, key_data, msg, signature)
+        async def verified(username: str, msg: bytes, ok: bool) -> bool:
             if not ok:
                 self._failed_attempt("publickey")
                 return False
@@ -83,7 +80,7 @@ class FrontConnection(asyncssh.SSHServer):
                 await self._after_auth(username)
             return True
 
-        conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+        internals.hook_verified_publickey(conn, lambda username: split_login(username)[0], verified)
         self.gateway.add_connection(self)
 
     def _failed_attempt(self, method: str) -> None:

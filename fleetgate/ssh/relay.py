@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import asyncssh
 
+from . import internals
+
 if TYPE_CHECKING:
     from .front import FrontConnection
 
@@ -30,17 +32,6 @@ class _Bytes:
     def __init__(self) -> None:
         self.up = 0    # user → machine
         self.down = 0  # machine → user
-
-
-def set_agent_forwarding(upstream: asyncssh.SSHClientConnection, path: str | None) -> None:
-    """Point the upstream connection's agent channels at the user's forwarded agent.
-
-    asyncssh fixes agent forwarding per client connection at connect time, but we only
-    learn whether the user asked for it (`ssh -A`) when their session channel opens.
-    The attribute is asyncssh's own (2.x); tests cover it with `ssh -A` + `ssh-add -l`.
-    """
-    if path:
-        upstream._agent_forward_path = path  # noqa: SLF001
 
 
 class SessionRelay(asyncssh.SSHServerSession):
@@ -103,7 +94,7 @@ class SessionRelay(asyncssh.SSHServerSession):
                           term_modes=front.get_terminal_modes())
         else:
             kwargs["request_pty"] = False
-        set_agent_forwarding(upstream, front.get_agent_path())
+        internals.set_agent_forward_path(upstream, front.get_agent_path())
         try:
             up, _ = await upstream.create_session(lambda: _UpstreamSession(self), **kwargs)
         except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:

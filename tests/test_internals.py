@@ -7,20 +7,20 @@ import subprocess
 
 import asyncssh
 
-from fleetgate.ssh import tuning
+from fleetgate.ssh import internals
 from helpers import make_fleet, run, start_gateway
 
 
 def test_tuning_applies_on_the_pinned_asyncssh():
     # If a dependency bump makes this fail, re-measure (docs/benchmarks.md) before widening TESTED.
-    assert tuning.apply(), asyncssh.__version__
-    assert tuning.apply()  # idempotent
+    assert internals.apply_relay_tuning(), asyncssh.__version__
+    assert internals.apply_relay_tuning()  # idempotent
 
 
 async def test_tuned_relay_is_byte_exact_both_ways_and_reports_disconnect_reasons(tmp_path, nursery):
     fleet, cfg = make_fleet(tmp_path)
     await start_gateway(nursery, fleet, cfg)
-    assert tuning._applied
+    assert internals._applied
     blob = os.urandom(8 * 1024 * 1024)
     r = await run(fleet.ssh("alice", "cat; cat /dev/null"), stdin=blob)
     assert r.stdout == blob, r.err

@@ -1,4 +1,14 @@
-"""Per-packet costs of asyncssh that a relay pays twice per byte, removed.
+"""The one module that touches asyncssh's private names, guarded for the pinned version.
+
+Everything fleetgate needs from asyncssh beyond its public API lives here, so that an
+asyncssh upgrade is checked in one place (tests/test_internals.py fails loudly if a
+bump breaks a hook):
+
+- `apply_relay_tuning()`: per-packet costs of asyncssh that a relay pays twice per byte;
+- `set_agent_forward_path()`: agent forwarding decided per session, not per connection;
+- `hook_verified_publickey()`: a callback after asyncssh has verified a user's signature.
+
+Relay tuning: per-packet costs of asyncssh that a relay pays twice per byte, removed.
 
 Measured with py-spy and paired benchmarks (docs/benchmarks.md): the gateway's CPU per
 GiB relayed fell by a fifth to a third with these four changes together, and none of
@@ -21,6 +31,7 @@ with a warning, on any other version.
 from __future__ import annotations
 
 import logging
+from typing import Awaitable, Callable
 
 import asyncssh
 from asyncssh import connection as _connection
@@ -34,7 +45,7 @@ _EMPTY_STRING = b"\x00\x00\x00\x00"
 _applied = False
 
 
-def apply() -> bool:
+def apply_relay_tuning() -> bool:
     """Install the changes once per process; False (and a warning) on an untested asyncssh."""
     global _applied
     if _applied:
@@ -155,3 +166,32 @@ def _cork(C: type) -> None:
     C._send = send
     C.data_received = received
     C._force_close = closing
+
+
+def set_agent_forward_path(upstream: asyncssh.SSHClientConnection, path: str | None) -> None:
+    """Point the upstream connection's agent channels at the user's forwarded agent.
+
+    asyncssh fixes agent forwarding per client connection at connect time, but we only
+    learn whether the user asked for it (`ssh -A`) when their session channel opens.
+    The attribute is asyncssh's own (2.24); tests cover it with `ssh -A` + `ssh-add -l`.
+    """
+    if path:
+        upstream._agent_forward_path = path  # noqa: SLF001
+
+
+def hook_verified_publickey(conn: asyncssh.SSHServerConnection, account: Callable[[str], str],
+                            on_result: Callable[[str, bytes, bool], Awaitable[bool]]) -> None:
+    """Wrap the connection's own public-key check so `on_result(username, msg, ok)` runs
+    after asyncssh judged the key (and, when `msg` is non-empty, verified the signature).
+    `account(username)` is the name asyncssh checks keys and certificate principals for
+    (the login without its `+target`).
+
+    asyncssh calls SSHServer.validate_public_key() for the unsigned key query too, before
+    any signature exists, so a wake must hang off this point, not off that callback.
+    """
+    original = conn.validate_public_key
+
+    async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+        return await on_result(username, msg, await original(account(username), key_data, msg, signature))
+
+    conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
