@@ -30,19 +30,12 @@ from .metrics import Metrics
 from .reaper import Reaper
 from .routing import Router, TableRouter
 from .passthrough import RateLimiter
-from .ssh import internals
+from .ssh import algorithms, internals
 from .ssh.front import FrontConnection
 from .ssh.grace import GraceClock
 from .ssh.limits import LimitsConfig, PreauthLimiter
 
 log = logging.getLogger(__name__)
-
-
-# Key exchanges the front offers: asyncssh's own list without finite-field Diffie-Hellman
-# and GSS, so an unauthenticated client cannot make each handshake cost 5x the CPU
-# (diffie-hellman-group18: ~14 ms against ~3 ms for curve25519).
-FRONT_KEX_ALGS = [a.decode() for a in asyncssh.kex.get_kex_algs()
-                  if not a.startswith((b"gss-", b"diffie-hellman", b"rsa"))]
 
 
 def build_backends(config: Config, previous: dict[str, Backend] | None = None) -> dict[str, Backend]:
@@ -113,11 +106,10 @@ class Gateway:
             server = await asyncssh.create_server(
                 lambda: FrontConnection(self), **place,
                 server_host_keys=self.host_keys,
-                encryption_algs=list(g.ciphers), compression_algs=None,
                 # Our GraceClock bounds pre-auth time (asyncssh's timer per connection would
                 # leave a cancelled timer behind each); a verified client waiting for a boot
                 # is bounded by the machine's boot_timeout instead.
-                login_timeout=0, backlog=1024, kex_algs=FRONT_KEX_ALGS,
+                login_timeout=0, backlog=1024, **algorithms.front_options(g),
                 keepalive_interval=g.keepalive_interval, keepalive_count_max=3,
                 line_editor=False, encoding=None, allow_pty=True, agent_forwarding=True,
                 x11_forwarding=False, password_auth=True, kbdint_auth=False, gss_host=None,
