@@ -12,6 +12,7 @@ import random
 
 import trio
 
+from . import transport
 from .backends.base import Address
 
 POLL_MIN = 0.1
@@ -25,7 +26,7 @@ async def read_banner(address: Address) -> bytes | None:
     stream = None
     with trio.move_on_after(CONNECT_TIMEOUT):
         try:
-            stream = await trio.open_tcp_stream(address.host, address.port)
+            stream = await transport.open_trio_stream(address, CONNECT_TIMEOUT)   # TCP or VSOCK
         except OSError:
             return None
     if stream is None:

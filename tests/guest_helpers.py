@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO / "tests" / "guest" / "build.sh"
 # Inputs whose change must rebuild the image, besides the script and the kernel.
 TOOLS = ("/bin/busybox", "/usr/sbin/dropbear", "/usr/lib/openssh/sftp-server")
+# The guest's VSOCK-to-dropbear relay, packed only where /dev/vhost-vsock exists (build.sh).
+OPTIONAL_TOOLS = ("/usr/bin/socat", "/dev/vhost-vsock")
 KEEP_DAYS = 7
 
 
@@ -60,6 +62,8 @@ def _fingerprint(kver: str, client_pub: bytes) -> str:
     for f in (f"/boot/vmlinuz-{kver}", *TOOLS):
         st = os.stat(f)
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in OPTIONAL_TOOLS:   # packed only if present: installing one later rebuilds the image
+        h.update(f"{f}:{os.path.exists(f)}".encode())
     h.update(client_pub)
     return h.hexdigest()[:16]
 

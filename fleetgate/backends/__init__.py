@@ -7,12 +7,16 @@ from .process import ProcessBackend
 from .qemu import QemuBackend
 from .http import HttpBackend
 from .command import CommandBackend
+from .libvirt import LibvirtBackend
+from .ec2 import Ec2Backend
 
 BACKEND_TYPES: dict[str, type[Backend]] = {
     ProcessBackend.TYPE: ProcessBackend,
     QemuBackend.TYPE: QemuBackend,
     HttpBackend.TYPE: HttpBackend,
     CommandBackend.TYPE: CommandBackend,
+    LibvirtBackend.TYPE: LibvirtBackend,
+    Ec2Backend.TYPE: Ec2Backend,
 }
 
 __all__ = ["Address", "Backend", "BackendError", "PowerState", "BACKEND_TYPES", "ProcessBackend"]

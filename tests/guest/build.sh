@@ -21,6 +21,8 @@
 # Guest behaviour, driven by the kernel command line:
 #   fleetvm.hostname=NAME   hostname (default fleetvm), so tests can tell guests apart
 #   fleetvm.delay=SECONDS   wait before starting sshd (to make a slow boot on purpose)
+# With a virtio-vsock device (and socat on the build machine), SSH also answers on
+# VSOCK port 22 (socat relays it to dropbear), for fleetgate's VSOCK transport.
 # It prints "FLEETVM-READY <uptime>" on the serial console once port 22 listens.
 #
 # Environment: KVER (default: newest /boot/vmlinuz-* with modules installed).
@@ -31,7 +33,8 @@ AUTHKEYS=$(readlink -f "${2:?usage: $0 OUTDIR AUTHORIZED_KEYS}")
 [ -s "$AUTHKEYS" ] || { echo "build.sh: $AUTHKEYS is empty or missing" >&2; exit 1; }
 # virtio_pci/net/rng: the devices the QEMU backend gives every guest; button + evdev:
 # the ACPI power button that busybox acpid turns into a clean poweroff.
-MODULES="virtio_pci virtio_net virtio_rng button evdev"
+# vmw_vsock_virtio_transport: sshd over AF_VSOCK when the guest has a virtio-vsock device.
+MODULES="virtio_pci virtio_net virtio_rng button evdev vmw_vsock_virtio_transport"
 
 if [ -z "${KVER:-}" ]; then
     for k in $(ls /boot/vmlinuz-* 2>/dev/null | sed 's|/boot/vmlinuz-||' | sort -V); do
@@ -73,6 +76,12 @@ copy_with_libs /usr/sbin/dropbear usr/sbin/dropbear
 # Debian's dropbear looks for the SFTP subsystem at /usr/lib/sftp-server; OpenSSH 9's
 # scp speaks SFTP, so without it scp fails.
 copy_with_libs /usr/lib/openssh/sftp-server usr/lib/sftp-server
+# socat relays VSOCK port 22 to dropbear, for fleetgate's VSOCK transport. It doubles the
+# image (its libraries), so it is packed only where guests can have vsock at all: on a host
+# with /dev/vhost-vsock (or WITH_SOCAT=1).
+if [ -x /usr/bin/socat ] && { [ "${WITH_SOCAT:-}" = 1 ] || [ -e /dev/vhost-vsock ]; }; then
+    copy_with_libs /usr/bin/socat usr/bin/socat
+fi
 
 # --- kernel modules in dependency order (kmod resolves them against $KVER) ------------
 : > etc/modules.load
@@ -143,6 +152,7 @@ cat > etc/inittab <<'TAB'
 ::respawn:/usr/sbin/dropbear -F -E -s -p 22 -r /etc/dropbear/dropbear_ed25519_host_key
 ::respawn:/bin/busybox acpid -f -c /etc/acpi
 ::once:/etc/ready.sh
+::respawn:/etc/vsock-ssh.sh
 ::askfirst:-/bin/sh
 ::ctrlaltdel:/sbin/poweroff
 ::shutdown:/bin/sync
@@ -154,7 +164,16 @@ i=0
 while [ $i -lt 500 ] && ! netstat -ltn 2>/dev/null | grep -q ':22 '; do usleep 10000; i=$((i+1)); done
 echo "FLEETVM-READY $(cut -d' ' -f1 /proc/uptime)" > /dev/console
 READY
-chmod 755 etc/ready.sh
+# SSH over AF_VSOCK port 22 (the host connects to this guest's CID), relayed to dropbear.
+# Without a bound virtio-vsock device or socat, idle forever (respawn must not spin).
+cat > etc/vsock-ssh.sh <<'VSOCK'
+#!/bin/sh
+if [ -x /usr/bin/socat ] && ls /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/ 2>/dev/null | grep -q '^virtio'; then
+    exec /usr/bin/socat VSOCK-LISTEN:22,reuseaddr,fork TCP:127.0.0.1:22
+fi
+exec sleep 2147483647
+VSOCK
+chmod 755 etc/ready.sh etc/vsock-ssh.sh
 
 # --- kernel ---------------------------------------------------------------------------
 cp "/boot/vmlinuz-$KVER" "$OUT/vmlinuz.new"
