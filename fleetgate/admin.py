@@ -19,6 +19,8 @@ def _json(status: int, obj: object) -> Response:
 
 
 def machine_status(fleet: Fleet) -> list[dict]:
+    if fleet.shared:
+        return _shared_status(fleet)
     now = trio.current_time()
     return [{
         "machine": name,
@@ -30,6 +32,40 @@ def machine_status(fleet: Fleet) -> list[dict]:
         "keep_awake_seconds": round(max(0.0, m.keep_until - now), 1),
         "typical_boot_seconds": m.typical_boot(),
     } for name, m in fleet.machines.items()]
+
+
+def _shared_status(fleet: Fleet) -> list[dict]:
+    """Fleet-wide: state, sessions and keep-awake as etcd has them (this replica's mirror of it)."""
+    now = trio.current_time()
+    store = fleet.store
+    out = []
+    for name, m in fleet.machines.items():
+        v = store.view(name)
+        keep = max(m.keep_until - now, v.keep_until - store.now(), 0.0)
+        out.append({
+            "machine": name,
+            "backend": m.backend.name,
+            "state": v.fleet_state if store.healthy else m.state.value,
+            "local_state": m.state.value,
+            "sessions": max(v.sessions, m.sessions) if store.healthy else m.sessions,
+            "local_sessions": m.sessions,
+            "holds": dict(v.holds),
+            "idle_seconds": round(max(0.0, now - m.last_activity) if v.fleet_state == "running" and not v.holds
+                                  and not m.sessions else 0.0, 1),
+            "idle_timeout": m.config.idle_timeout,
+            "keep_awake_seconds": round(keep, 1),
+            "typical_boot_seconds": m.typical_boot(),
+            "replica": store.replica,
+            "store_healthy": store.healthy,
+        })
+    return out
+
+
+def _sessions(fleet: Fleet, name: str) -> int:
+    m = fleet.machines[name]
+    if fleet.shared and fleet.store.healthy:
+        return max(m.sessions, fleet.store.view(name).sessions)
+    return m.sessions
 
 
 class AdminAPI:
@@ -64,8 +100,9 @@ class AdminAPI:
                 return _json(200, {"machine": name, "state": self.fleet.machines[name].state.value})
             if action == "stop":
                 m = self.fleet.machines[name]
-                if m.sessions and query.get("force", ["0"])[0] != "1":
-                    return _json(409, {"error": f"{name} has {m.sessions} session(s); add force=1 to stop anyway"})
+                sessions = _sessions(self.fleet, name)
+                if sessions and query.get("force", ["0"])[0] != "1":
+                    return _json(409, {"error": f"{name} has {sessions} session(s); stop anyway with `fleetgate stop --force` (force=1 in the admin API)"})
                 stopped = await self.fleet.stop(name)
                 return _json(200 if stopped else 409, {"machine": name, "state": m.state.value,
                                                        **({} if stopped else {"error": m.stop_error or "not running"})})

@@ -8,6 +8,9 @@ Why it looks like this:
   reaper's "no session" check and its transition to `stopping` happen in the same
   synchronous step, so no connection can slip in between (trio runs one task at a time).
 - Times come from trio's clock so tests can drive them with MockClock.
+- With several replicas (`[store] type = "etcd"`), the same rules hold fleet-wide: the start,
+  the stop and session holds become etcd transactions (the "shared store" section below,
+  fleetgate/store/etcd.py, docs/ha.md). With the default in-process store none of that runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import secrets
 import statistics
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, TypeVar
@@ -22,9 +26,11 @@ from typing import Awaitable, Callable, Mapping, TypeVar
 import trio
 
 from . import probe
+from .errors import WakeError
 from .backends.base import Address, Backend, BackendError, PowerState
 from .config import MachineConfig
 from .metrics import Metrics
+from .store import MemoryStore, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,10 @@ T = TypeVar("T")
 Progress = Callable[[str], None]
 
 PROGRESS_INTERVAL = 2.0
+STORE_WAIT = 1.0        # shared store: re-read etcd at least this often while waiting on another replica
+HOLD_RETRY_MAX = 2.0    # shared store: backoff cap for registering/dropping a hold in the background
+STORE_PATIENCE = 5.0    # shared store: how long a wake retries etcd before refusing (elections take ~1-2 s)
+CLAIM_MARGIN = 45.0     # shared store: a start/stop claim outlives the call by this (cleanup stop 30 s + clock skew)
 FAILURE_COOLDOWN = 5.0
 RECONCILE_CALL_TIMEOUT = 30.0
 BOOT_HISTORY = 10
@@ -44,15 +54,6 @@ class State(str, enum.Enum):
     STOPPING = "stopping"
     FAILED = "failed"
     UNKNOWN = "unknown"
-
-
-class WakeError(Exception):
-    """Why a client could not be given a ready machine: a bounded reason and a sentence for the user."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass
@@ -83,6 +84,16 @@ class Machine:
         self.keep_until = 0.0
         self.stop_error: str | None = None
         self.pending_backend: Backend | None = None
+        # shared store only: this replica's hold key in etcd ("absent", "present" or "maybe")
+        self.hold = "absent"
+        self.hold_lock = trio.Lock()
+        self.hold_syncing = False
+        self.seen_running = False
+        self.state_rev: int | None = None  # the store's state revision when we last saw it running
+        self.finishing = False             # our "running" is still being recorded in etcd (retrying)
+        # The backend cannot tell this machine's state (an HTTP API without status_url): since
+        # when. It may be running (a gateway restart forgot it), so the reaper stops it when idle.
+        self.unknown_since: float | None = None
 
     def typical_boot(self) -> float | None:
         return statistics.median(self.boot_history) if self.boot_history else None
@@ -105,8 +116,15 @@ class Lease:
 class Fleet:
     def __init__(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend],
                  metrics: Metrics, nursery: trio.Nursery,
-                 ready_probe: Callable[[Address], Awaitable[object]] = probe.wait_for_banner):
+                 ready_probe: Callable[[Address], Awaitable[object]] = probe.wait_for_banner,
+                 store: Store | None = None):
         self.metrics = metrics
+        # The store decides fleet-wide (several replicas, etcd) or not at all (memory: this
+        # process is the fleet and every rule below is applied in its own memory, as always).
+        self.store = store if store is not None else MemoryStore()
+        self.shared = self.store.shared
+        if self.shared:
+            self.store.on_lease_lost = self._store_lease_lost
         self._ready_probe = ready_probe
         self._nursery = nursery
         self.machines: dict[str, Machine] = {}
@@ -146,6 +164,7 @@ class Fleet:
         if m.state is not state:
             log.info("machine state machine=%s %s -> %s", m.name, m.state.value, state.value)
             m.state = state
+            m.unknown_since = None
             if state is State.STOPPED and m.pending_backend is not None:
                 m.backend, m.pending_backend = m.pending_backend, None
             self.metrics.set_state(m.name, state.value)
@@ -182,6 +201,10 @@ class Fleet:
                 continue
             if m.state is not before:
                 continue
+            if power is PowerState.UNKNOWN and before is State.UNKNOWN and m.unknown_since is None:
+                m.unknown_since = trio.current_time()
+                log.info("machine state cannot be read machine=%s backend=%s: treated as maybe running, "
+                         "stopped when idle (after idle_timeout and min_uptime)", m.name, m.backend.name)
             if power is PowerState.RUNNING and before is not State.RUNNING:
                 m.address = address
                 m.started_at = m.last_activity = trio.current_time()
@@ -210,7 +233,12 @@ class Fleet:
         said_stopping = False
         while True:
             if m.state is State.RUNNING:
-                return self._lease(m)
+                if not self.shared:
+                    return self._lease(m)
+                lease = await self._shared_hold(m)
+                if lease is not None:
+                    return lease
+                continue
             if m.state is State.STOPPING:
                 if progress and not said_stopping:
                     progress(f"fleetgate: {m.name} is stopping; it will be started again for you")
@@ -234,7 +262,7 @@ class Fleet:
     def _begin_wake(self, m: Machine) -> None:
         m.wake = _Wake(started=trio.current_time())
         self._set_state(m, State.STARTING)
-        self._nursery.start_soon(self._run_wake, m, m.wake)
+        self._nursery.start_soon(self._run_shared_wake if self.shared else self._run_wake, m, m.wake)
 
     async def _wait_wake(self, m: Machine, progress: Progress | None) -> None:
         wake = m.wake
@@ -264,9 +292,13 @@ class Fleet:
             error = WakeError("boot_timeout", f"fleetgate: {m.name} did not answer within {cfg.boot_timeout:g} s")
         except BackendError as exc:
             error = WakeError(exc.reason, f"fleetgate: {m.name} could not be started: {exc}")
+            error.error_id, error.detail = exc.error_id, exc.detail
         except Exception as exc:  # a buggy backend is a failed wake, not a dead gateway
-            log.exception("backend raised machine=%s backend=%s", m.name, bname)
-            error = WakeError("start_error", f"fleetgate: {m.name} could not be started: {type(exc).__name__}: {exc}")
+            eid = secrets.token_hex(4)  # its text may hold anything: the user gets an id, the log the detail
+            log.exception("backend raised machine=%s backend=%s error_id=%s", m.name, bname, eid)
+            error = WakeError("start_error", f"fleetgate: {m.name} could not be started: "
+                                             f"internal error in the {bname} backend (error id {eid})")
+            error.error_id, error.detail = eid, f"{type(exc).__name__}: {exc}"
         now = trio.current_time()
         if error is None:
             latency = now - t0
@@ -276,13 +308,31 @@ class Fleet:
             self.metrics.boot_latency.labels(bname).observe(latency)
             self.metrics.wakes.labels(bname, "success").inc()
             log.info("machine ready machine=%s backend=%s boot_seconds=%.2f address=%s", m.name, bname, latency, address)
+            if self.shared:
+                # Record "running" (and drop our start claim) before anyone uses it, so the other
+                # replicas adopt it and their reapers see it; if etcd does not answer, retry later.
+                self.metrics.store_claims.labels("start", "performed").inc()
+                m.state_rev = None
+                try:
+                    m.state_rev = await self.store.finish_start(m.name, "running", address=str(address))
+                except StoreUnavailable:
+                    async def finish() -> None:
+                        try:
+                            m.state_rev = await self.store.finish_start(m.name, "running", address=str(address))
+                        finally:
+                            m.finishing = m.state_rev is None and m.finishing
+                        self._kick_hold_sync(m)
+
+                    m.finishing = True
+                    self._nursery.start_soon(self._store_retry, "finish start", m.name, finish)
             self._set_state(m, State.RUNNING)
             wake.done.set()
             return
         self.metrics.wakes.labels(bname, "failure").inc()
         self.metrics.wake_failures.labels(bname, error.reason).inc()
-        log.warning("wake failed machine=%s backend=%s reason=%s seconds=%.2f detail=%s",
-                    m.name, bname, error.reason, now - t0, error.message)
+        log.warning("wake failed machine=%s backend=%s reason=%s seconds=%.2f error_id=%s detail=%s",
+                    m.name, bname, error.reason, now - t0, getattr(error, "error_id", None) or "-",
+                    getattr(error, "detail", None) or error.message)  # the detail only operators see
         m.failure, m.failed_at = error, now
         wake.error = error
         wake.done.set()
@@ -295,12 +345,17 @@ class Fleet:
             except Exception as exc:
                 log.warning("cleanup stop failed machine=%s error=%s", m.name, exc)
         self._set_state(m, State.FAILED)
+        if self.shared:
+            await self._store_retry("finish start", m.name,
+                                    lambda: self.store.finish_start(m.name, "failed", message=error.message))
 
     # -- sessions ------------------------------------------------------------------------
 
     def try_acquire(self, name: str) -> Lease | None:
         """A lease without waiting, only if the machine is running now."""
         m = self.machines[name]
+        if self.shared and m.hold != "present":
+            return None  # no hold of ours in etcd to join: another replica could be claiming a stop
         return self._lease(m) if m.state is State.RUNNING else None
 
     def _lease(self, m: Machine) -> Lease:
@@ -316,6 +371,8 @@ class Fleet:
         assert m.sessions >= 0, m.name
         if m.sessions == 0:
             m.last_activity = trio.current_time()
+            if self.shared:
+                self._kick_hold_sync(m)  # never blocks: release() is called from asyncio callbacks
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
         self._sessions_changed(m)
 
@@ -362,6 +419,10 @@ class Fleet:
         m.keep_until = max(m.keep_until, until)
         self._update_lease_gauge(m)
         log.info("keep-awake machine=%s seconds=%.0f", m.name, seconds)
+        if self.shared:
+            until_store = self.store.now() + seconds
+            self._nursery.start_soon(self._store_retry, "keep-awake", m.name,
+                                     lambda: self.store.put_keep(m.name, until_store))
         self.wake_in_background(name)
         return m.keep_until
 
@@ -389,14 +450,21 @@ class Fleet:
 
     def stop_blocker(self, m: Machine, warm: bool = False) -> str | None:
         """Why the reaper must not stop this machine now, or None if it may."""
+        if self.shared:
+            return self._shared_stop_blocker(m, warm)
         now = trio.current_time()
-        if m.state is not State.RUNNING:
+        started, last = m.started_at, m.last_activity
+        if m.state is State.UNKNOWN and m.unknown_since is not None:
+            # Maybe running, and we cannot ask: stop it when idle (a stop is idempotent), counting
+            # from when we found it so (a restart gives it a full grace).
+            started, last = m.unknown_since, max(m.last_activity, m.unknown_since)
+        elif m.state is not State.RUNNING:
             return "not running"
         if m.sessions:
             return "in use"
-        if now - m.last_activity < m.config.idle_timeout:
+        if now - last < m.config.idle_timeout:
             return "idle timeout not reached"
-        if now - m.started_at < m.config.min_uptime:
+        if now - started < m.config.min_uptime:
             return "minimum uptime not reached"
         if m.keep_until > now:
             return "keep-awake lease"
@@ -412,6 +480,8 @@ class Fleet:
         forced after the machine's stop_timeout.
         """
         m = self.machines[name]
+        if self.shared:
+            return await self._stop_shared(m, reaper=reaper, warm=warm)
         if reaper:
             if self.stop_blocker(m, warm) is not None:
                 return False
@@ -420,6 +490,10 @@ class Fleet:
         else:
             m.keep_until = 0.0  # an explicit stop ends any keep-awake lease
         self._set_state(m, State.STOPPING)
+        return await self._do_stop(m, reaper)
+
+    async def _do_stop(self, m: Machine, reaper: bool) -> bool:
+        """The backend stop of a machine already in state `stopping`."""
         m.stop_error = None
         cfg = m.config
         t0 = trio.current_time()
@@ -435,7 +509,8 @@ class Fleet:
         except (Exception, trio.TooSlowError) as exc:
             result = "failure"
             m.stop_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            log.warning("stop failed machine=%s backend=%s error=%s", m.name, m.backend.name, m.stop_error)
+            log.warning("stop failed machine=%s backend=%s error=%s detail=%s", m.name, m.backend.name,
+                        m.stop_error, getattr(exc, "detail", None) or "-")
             self._set_state(m, State.UNKNOWN)
             return False
         except BaseException:  # cancelled (shutdown): we no longer know what the backend did
@@ -456,3 +531,258 @@ class Fleet:
                 await self.stop(name)
             except Exception as exc:
                 log.warning("stop failed machine=%s error=%s", name, exc)
+
+    # -- shared store (several replicas, etcd) --------------------------------------------
+    #
+    # Local state is this replica's view; the decisions (one start, one stop, no stop under
+    # a hold) are etcd transactions in fleetgate/store/etcd.py. Nothing here stops a machine
+    # or starts one unless etcd said so: when etcd cannot be reached, stops do not happen
+    # and wakes of machines not known running are refused (docs/ha.md).
+
+    def store_unavailable_error(self, m: Machine) -> WakeError:
+        return WakeError("store_unavailable",
+                         f"fleetgate: {m.name} is not available through this gateway right now: it cannot reach "
+                         f"the gateways' coordination store (etcd), and waking or joining {m.name} without it "
+                         f"could start it twice or race a stop; please try again in a minute")
+
+    async def _shared_hold(self, m: Machine) -> Lease | None:
+        """A lease on a running machine, registered fleet-wide; None if a stop was claimed meanwhile."""
+        async with m.hold_lock:
+            if m.state is not State.RUNNING:
+                return None
+            if m.hold == "present" and self.store.lease_alive():
+                # Our hold is in etcd (and our lease alive): no stop can be claimed until it goes,
+                # so this session joins it without a round trip, even while etcd is unreachable.
+                return self._lease(m)
+            if m.state_rev is None and not m.finishing:
+                # Running as far as this replica knows (found by reconcile, or before a restart),
+                # but not seen running in etcd: look there first (the wake path adopts it).
+                self._set_state(m, State.UNKNOWN)
+                return None
+            try:
+                if m.state_rev is None:
+                    raise StoreUnavailable("our start is not recorded in etcd yet")
+                ok = await self.store.register_hold(m.name, m.sessions + 1, m.state_rev)
+            except StoreUnavailable as exc:
+                # Without a hold of ours we cannot know that no other replica is stopping it right
+                # now (a stop claimed just before etcd went away can still be running): refuse.
+                log.warning("store unavailable: login refused machine=%s: %s", m.name, exc)
+                self.metrics.wake_failures.labels(m.backend.name, "store_unavailable").inc()
+                raise self.store_unavailable_error(m) from None
+            if not ok:
+                log.info("machine is being (or was) stopped by another replica machine=%s: waiting, then waking",
+                         m.name)
+                if m.state is State.RUNNING:
+                    self._set_state(m, State.UNKNOWN)
+                return None
+            m.hold = "present"
+            if m.state is not State.RUNNING:
+                self._kick_hold_sync(m)
+                return None
+            return self._lease(m)
+
+    def _kick_hold_sync(self, m: Machine) -> None:
+        if not m.hold_syncing:
+            m.hold_syncing = True
+            self._nursery.start_soon(self._hold_sync, m)
+
+    async def _hold_sync(self, m: Machine) -> None:
+        """Make this replica's hold in etcd match its sessions (background; retries with backoff)."""
+        delay = 0.1
+        try:
+            while True:
+                async with m.hold_lock:
+                    try:
+                        if m.sessions == 0 and m.hold != "absent":
+                            m.hold = "maybe"
+                            await self.store.drop_hold(m.name)
+                            m.hold = "absent"
+                        elif m.sessions > 0 and (m.hold != "present" or not self.store.lease_alive()):
+                            if m.state_rev is None:
+                                pass  # our start is not recorded yet; finish start kicks us again
+                            elif await self.store.register_hold(m.name, m.sessions, m.state_rev):
+                                m.hold = "present"
+                            else:
+                                log.warning("sessions on machine=%s but its state changed in etcd meanwhile "
+                                            "(stopped by another replica?)", m.name)
+                                return
+                        else:
+                            return
+                    except StoreUnavailable:
+                        pass
+                await trio.sleep(delay)
+                delay = min(delay * 2, HOLD_RETRY_MAX)
+        finally:
+            m.hold_syncing = False
+
+    def _store_lease_lost(self) -> None:
+        """Our etcd lease expired: every hold we had is gone; register them again."""
+        for m in self.machines.values():
+            if m.hold != "absent":
+                m.hold = "maybe"
+            if m.sessions or m.hold != "absent":
+                self._kick_hold_sync(m)
+
+    async def _store_retry(self, what: str, name: str, fn: Callable[[], Awaitable[object]]) -> None:
+        """A store write that must happen eventually (bounded: our lease is the backstop)."""
+        delay = 0.2
+        with trio.move_on_after(120):
+            while True:
+                try:
+                    await fn()
+                    return
+                except StoreUnavailable as exc:
+                    log.warning("store: %s for machine=%s failed, retrying: %s", what, name, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.error("store: gave up on %s for machine=%s", what, name)
+
+    async def _run_shared_wake(self, m: Machine, wake: _Wake) -> None:
+        """Wake fleet-wide: join a start or stop in progress on any replica, adopt a machine another
+        replica started (after probing it ourselves), or win the start claim and start it."""
+        cfg = m.config
+        error: WakeError | None = None
+        unavailable_since: float | None = None
+        try:
+            with trio.fail_after(cfg.boot_timeout + 2 * STORE_WAIT + 30):
+                while True:
+                    try:
+                        v = await self.store.snapshot(m.name)
+                    except StoreUnavailable:
+                        # An election (etcd leader lost) takes a second or two: be patient that long.
+                        now = trio.current_time()
+                        unavailable_since = unavailable_since or now
+                        if now - unavailable_since >= STORE_PATIENCE:
+                            raise
+                        await trio.sleep(0.25)
+                        continue
+                    unavailable_since = None
+                    if v.start == self.store.replica and not v.stop:
+                        break  # our claim (a txn whose answer we lost, or an earlier us that died): start
+                    if v.start or v.stop:
+                        await self.store.wait_change(STORE_WAIT)
+                        continue
+                    st = (v.state or {}).get("state")
+                    if st == "running":
+                        try:
+                            with trio.fail_after(min(cfg.boot_timeout, 15.0)):
+                                address = await self._call(m, "address", lambda: m.backend.address(cfg))
+                                await self._ready_probe(address)
+                        except Exception as exc:  # not really up (died, or a stale state): start it
+                            log.info("machine marked running in the store does not answer machine=%s: %r", m.name, exc)
+                        else:
+                            m.address = address
+                            m.state_rev = v.state_rev
+                            m.started_at = m.last_activity = trio.current_time()
+                            log.info("machine ready (started by another replica) machine=%s address=%s",
+                                     m.name, address)
+                            self._set_state(m, State.RUNNING)
+                            wake.done.set()
+                            return
+                    if st == "failed" and self.store.now() - float(v.state.get("at", 0)) < FAILURE_COOLDOWN:
+                        left = FAILURE_COOLDOWN - (self.store.now() - float(v.state.get("at", 0)))
+                        msg = v.state.get("message") or f"fleetgate: {m.name} could not be started"
+                        self.metrics.wake_failures.labels(m.backend.name, "cooldown").inc()
+                        error = WakeError("cooldown", f"{msg}; fleetgate retries in {left:.0f} s")
+                        break
+                    try:
+                        won = await self.store.claim_start(m.name, v, cfg.boot_timeout + CLAIM_MARGIN)
+                    except StoreUnavailable:
+                        # Unknown outcome: the txn may have been applied. Look again (our claim, if
+                        # it was made, shows as a live claim by us: we then wait out its deadline).
+                        unavailable_since = unavailable_since or trio.current_time()
+                        await trio.sleep(0.25)
+                        continue
+                    if won:
+                        self.metrics.store_claims.labels("start", "won").inc()
+                        break
+                    self.metrics.store_claims.labels("start", "lost").inc()
+        except StoreUnavailable as exc:
+            if m.backend.name in getattr(self.store.config, "wake_without_store", ()):
+                log.warning("store unavailable; waking machine=%s anyway (backend %s is declared idempotent): %s",
+                            m.name, m.backend.name, exc)
+                await self._run_wake(m, wake)
+                return
+            log.warning("store unavailable: wake refused machine=%s: %s", m.name, exc)
+            self.metrics.wake_failures.labels(m.backend.name, "store_unavailable").inc()
+            error = self.store_unavailable_error(m)
+        except trio.TooSlowError:
+            self.metrics.wake_failures.labels(m.backend.name, "boot_timeout").inc()
+            error = WakeError("boot_timeout", f"fleetgate: {m.name} did not answer within {cfg.boot_timeout:g} s")
+        if error is not None:
+            wake.error = error
+            wake.done.set()
+            self._set_state(m, State.UNKNOWN)  # nothing of ours runs; the next connection asks again
+            return
+        await self._run_wake(m, wake)
+
+    def _shared_stop_blocker(self, m: Machine, warm: bool) -> str | None:
+        now = trio.current_time()
+        store = self.store
+        if not store.healthy:
+            return "store unavailable"
+        if store.healthy_for() < 2 * getattr(store.config, "lease_ttl", 10):
+            # Just recovered: replicas that admitted sessions while etcd was away register them first.
+            return "store recovering"
+        v = store.view(m.name)
+        if (m.state is State.RUNNING and not m.sessions and v.state_rev and v.state_rev != m.state_rev
+                and not v.start and not v.stop and (v.state or {}).get("state") != "running"):
+            self._set_state(m, State.UNKNOWN)  # stopped by another replica: the next login asks etcd
+        local_ok = m.state in (State.RUNNING, State.UNKNOWN, State.STOPPED)
+        if v.start or v.stop or (v.state or {}).get("state") != "running" or not local_ok:
+            m.seen_running = False
+            return "not running"
+        if m.sessions or v.holds:
+            m.last_activity = now
+            return "in use"
+        if not m.seen_running:  # first seen running here (or after a restart): a full idle grace
+            m.seen_running = True
+            m.last_activity = max(m.last_activity, now) if m.state is not State.RUNNING else m.last_activity
+        if now - m.last_activity < m.config.idle_timeout:
+            return "idle timeout not reached"
+        if store.now() - float(v.state.get("at", 0)) < m.config.min_uptime:
+            return "minimum uptime not reached"
+        if m.keep_until > now or v.keep_until > store.now():
+            return "keep-awake lease"
+        if warm:
+            return "warm schedule"
+        return None
+
+    async def _stop_shared(self, m: Machine, *, reaper: bool, warm: bool) -> bool:
+        if reaper:
+            if self.stop_blocker(m, warm) is not None:
+                return False
+        elif m.state in (State.STARTING, State.STOPPING):
+            return False
+        prev = m.state
+        self._set_state(m, State.STOPPING)  # arrivals on this replica wait from here on
+        try:
+            v = await self.store.snapshot(m.name)
+            running = (v.state or {}).get("state") == "running" or prev is State.RUNNING
+            if not running or (reaper and (v.holds or v.keep_until > self.store.now() or m.sessions)):
+                won = False
+            else:
+                won = await self.store.claim_stop(m.name, v, 2 * m.config.stop_timeout + CLAIM_MARGIN,
+                                                  force=not reaper)
+        except StoreUnavailable as exc:
+            log.warning("store unavailable: no stop machine=%s: %s", m.name, exc)
+            won = False
+        if not won:
+            if reaper:
+                self.metrics.store_claims.labels("stop", "lost").inc()
+            self._set_state(m, prev)
+            return False
+        self.metrics.store_claims.labels("stop", "won").inc()
+        if reaper and m.sessions:  # admitted while we claimed (cannot happen: we were `stopping`); be safe
+            await self._store_retry("abandon stop", m.name, lambda: self.store.finish_stop(m.name, "running"))
+            self._set_state(m, prev)
+            return False
+        if not reaper:
+            m.keep_until = 0.0
+        stopped = await self._do_stop(m, reaper)
+        self.metrics.store_claims.labels("stop", "performed").inc()
+        await self._store_retry("finish stop", m.name, lambda: self.store.finish_stop(
+            m.name, "stopped" if stopped else "unknown", end_keep=not reaper,
+            **({} if stopped else {"message": m.stop_error or ""})))
+        m.seen_running = False
+        return stopped
