@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from . import private
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class AuditLog:
         if str(self.destination) == "-":
             return sys.stdout
         if self._file is None:
-            self._file = open(self.destination, "a", encoding="utf-8", buffering=1)
+            self._file = private.open_append(self.destination)  # 0600: it names users and addresses
         return self._file
 
     def write(self, event: str, **fields: Any) -> None:

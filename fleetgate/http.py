@@ -1,93 +1,202 @@
-"""A tiny trio-native HTTP server for /metrics, /healthz, /readyz and the admin API.
+"""A small trio-native HTTP server for /metrics, /healthz, /readyz and the admin API.
 
 prometheus-client's own server runs in a thread; this one is a task of the main
-nursery like everything else, so it starts and stops with the gateway. Requests are
-bounded in size and time; bodies are not read (the admin API takes query parameters).
+nursery like everything else, so it starts and stops with the gateway. The protocol is
+h11's (a maintained, sans-I/O HTTP/1.1 implementation, the one httpx uses); this module
+owns only the I/O and the bounds, because a metrics port is reachable by whoever can
+reach the host:
+
+- at most `max_connections` at once (default: a share of the descriptor budget,
+  fleetgate/fdlimit.py); more are closed at once and counted, never queued;
+- the request must arrive within `read_timeout` and be at most MAX_REQUEST bytes;
+- the answer must be taken within `write_timeout`: a client that never reads cannot pin
+  a descriptor;
+- accept() failing for lack of descriptors pauses that listener briefly, counted, never fatal;
+- with `share_for` (the metrics port), while other connections are open a 200 answer for
+  the same path is reused for that long: a /metrics exposition costs ~5 ms of CPU, so
+  1,000 scrapes at once would otherwise take the event loop from SSH logins for seconds.
+  A lone scraper always gets a fresh one.
+
+Bodies are not read (the admin API takes query parameters); every answer closes the
+connection. Handlers keep one shape: `handler(method, path, query) -> (status, type, body)`.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import trio
 
-from . import unixsock
+from . import fdlimit, unixsock
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0   # the whole request, from accept
+WRITE_TIMEOUT = 10.0    # the whole answer
+ACCEPT_RETRY = 0.1
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+REFUSAL_LOG_EVERY = 60.0
 
 Response = tuple[int, str, bytes]
 Handler = Callable[[str, str, dict[str, list[str]]], Awaitable[Response]]
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
            500: "Internal Server Error", 503: "Service Unavailable"}
+BAD_REQUEST = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 12\r\n"
+               b"Connection: close\r\n\r\nbad request\n")
 
 
-def _response(status: int, ctype: str, body: bytes, head: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}", f"Content-Type: {ctype}",
-             f"Content-Length: {len(body)}", "Connection: close", "", ""]
-    return "\r\n".join(lines).encode() + (b"" if head else body)
+@dataclass
+class Limits:
+    max_connections: int = 0   # 0: fdlimit.default_http_connections()
+    read_timeout: float = REQUEST_TIMEOUT
+    write_timeout: float = WRITE_TIMEOUT
+    share_for: float = 0.0     # seconds a 200 answer is reused while other connections are open
 
 
-async def _handle(stream: trio.abc.Stream, handler: Handler) -> None:
-    buf = b""
-    with trio.move_on_after(REQUEST_TIMEOUT):
-        while b"\r\n\r\n" not in buf and len(buf) < MAX_REQUEST:
-            try:
-                chunk = await stream.receive_some(4096)
-            except (trio.BrokenResourceError, OSError):
-                return
-            if not chunk:
-                break
-            buf += chunk
-    try:
-        method, target, _ = buf.split(b"\r\n", 1)[0].decode("ascii").split(" ", 2)
-    except (ValueError, UnicodeDecodeError):
-        out = _response(400, "text/plain", b"bad request\n", False)
-    else:
-        url = urlsplit(target)
+class _Server:
+    def __init__(self, handler: Handler, limits: Limits | None, on_refusal: Callable[[str], None] | None):
+        self.handler = handler
+        self.limits = limits or Limits()
+        self.max_connections = self.limits.max_connections or fdlimit.default_http_connections()
+        self.on_refusal = on_refusal
+        self.active = 0
+        self._logged: dict[str, float] = {}
+        self._shared: dict[str, tuple[float, str, bytes]] = {}  # path -> (when, type, body); 200 answers only
+
+    def refuse(self, reason: str) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal(reason)
+        now = time.monotonic()
+        if now - self._logged.get(reason, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+            self._logged[reason] = now
+            log.warning("http connection refused reason=%s active=%d max_connections=%d (logged once a minute; "
+                        "counted in fleetgate_http_refusals_total)", reason, self.active, self.max_connections)
+
+    async def serve(self, listeners: list) -> None:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+
+    async def _accept_loop(self, listener: trio.abc.Listener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    self.refuse("accept_descriptors")
+                    await trio.sleep(ACCEPT_RETRY)  # as trio.serve_listeners does: let descriptors free up
+                    continue
+                if self.active >= self.max_connections:
+                    self.refuse("connection_cap")
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.active += 1
+                nursery.start_soon(self._one, stream)
+
+    async def _one(self, stream: trio.abc.Stream) -> None:
         try:
-            status, ctype, body = await handler(method, url.path, parse_qs(url.query))
-        except Exception:
-            log.exception("http handler failed method=%s path=%s", method, url.path)
-            status, ctype, body = 500, "text/plain", b"internal error\n"
-        out = _response(status, ctype, body, method == "HEAD")
-    try:
-        await stream.send_all(out)
-    except (trio.BrokenResourceError, OSError):
-        pass
+            async with stream:
+                await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.active -= 1
+
+    async def _read_request(self, stream: trio.abc.Stream, conn: h11.Connection) -> h11.Request | None | bytes:
+        """The request, None if the client went away, BAD_REQUEST if it spoke no HTTP."""
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                return BAD_REQUEST
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(4096)
+                except (trio.BrokenResourceError, OSError):
+                    return None
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed (or PAUSED before a request: cannot happen)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+        with trio.move_on_after(self.limits.read_timeout) as reading:
+            request = await self._read_request(stream, conn)
+        if reading.cancelled_caught:
+            self.refuse("read_timeout")
+            return
+        if request is None:
+            return
+        if isinstance(request, bytes):
+            self.refuse("bad_request")
+            out = request
+        else:
+            out = await self._answer(conn, request)
+        with trio.move_on_after(self.limits.write_timeout) as writing:
+            await stream.send_all(out)
+        if writing.cancelled_caught:
+            self.refuse("write_timeout")
+
+    async def _answer(self, conn: h11.Connection, request: h11.Request) -> bytes:
+        method = request.method.decode("ascii", errors="replace")
+        url = urlsplit(request.target.decode("ascii", errors="replace"))
+        now = trio.current_time()
+        shared = self._shared.get(url.path) if method in ("GET", "HEAD") and self.active > 1 else None
+        if shared is not None and now - shared[0] < self.limits.share_for:
+            status, ctype, body = 200, shared[1], shared[2]
+        else:
+            try:
+                status, ctype, body = await self.handler(method, url.path, parse_qs(url.query))
+            except Exception:
+                log.exception("http handler failed method=%s path=%s", method, url.path)
+                status, ctype, body = 500, "text/plain", b"internal error\n"
+            if self.limits.share_for and status == 200 and method in ("GET", "HEAD"):
+                self._shared[url.path] = (trio.current_time(), ctype, body)
+        headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
+        out = conn.send(h11.Response(status_code=status, headers=headers,
+                                     reason=REASONS.get(status, "Error").encode()))
+        if method != "HEAD" and body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        return out
 
 
-async def _serve(listeners: list, handler: Handler) -> None:
-    async def one(stream: trio.abc.Stream) -> None:
-        async with stream:
-            await _handle(stream, handler)
-
-    await trio.serve_listeners(one, listeners)
-
-
-async def serve(host: str, port: int, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(host: str, port: int, handler: Handler, *, limits: Limits | None = None,
+                on_refusal: Callable[[str], None] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve TCP until cancelled; task_status.started() gets the bound port (for port 0)."""
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
+    server = _Server(handler, limits, on_refusal)
+    log.info("http max_connections=%d read_timeout=%gs write_timeout=%gs", server.max_connections,
+             server.limits.read_timeout, server.limits.write_timeout)
     log.info("http listening address=%s:%s", host, bound)
     task_status.started(bound)
-    await _serve(listeners, handler)
+    await server.serve(listeners)
 
 
-async def serve_unix(path: str, handler: Handler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve_unix(path: str, handler: Handler, *, limits: Limits | None = None,
+                     on_refusal: Callable[[str], None] | None = None,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve on a unix socket only its owner can use (mode 0600): the admin API."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     sock = trio.socket.from_stdlib_socket(unixsock.bind_listening(path, backlog=64, mode=0o600))
     log.info("admin api listening socket=%s", path)
     task_status.started(path)
     try:
-        await _serve([trio.SocketListener(sock)], handler)
+        await _Server(handler, limits, on_refusal).serve([trio.SocketListener(sock)])
     finally:
         try:
             os.unlink(path)

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import asyncssh
 
+from . import private
+
 
 def ensure_key(path: Path, comment: str = "") -> asyncssh.SSHKey:
     """Load the ed25519 private key at path, creating it (0600, with a .pub beside it) if missing."""
     path = Path(path)
     if path.exists():
         return asyncssh.read_private_key(str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private.makedirs(path.parent)
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment or path.name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

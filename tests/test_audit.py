@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 import trio
 
 from helpers import make_fleet, run, start_gateway
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_audit_lines_for_relay_and_jump_sessions(tmp_path, nursery):

@@ -10,6 +10,7 @@ metric (fleetgate_wake_failures_total{backend, reason}) say it should.
 from __future__ import annotations
 
 import json
+import re
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,8 +169,8 @@ async def api_gateway(tmp_path: Path, nursery: trio.Nursery, kinds: tuple[str, .
                                      "ssh_port": vm_ports[kind], "boot_timeout": 30}
         doc["users"]["tester"] = {"authorized_keys_file": "client_key.pub", "machines": list(kinds)}
 
-    fleet, cfg = make_fleet(tmp_path, patch=patch)
-    provider = ProcessBackend(BackendConfig("vm-provider", "process", MappingProxyType({})), Path,
+    fleet, cfg = make_fleet(tmp_path, patch=patch, isolation="none")  # the "VMs" are host sshds
+    provider = ProcessBackend(BackendConfig("vm-provider", "process", MappingProxyType({"isolation": "none"})), Path,
                               tmp_path / "vm-provider")
     api.provider = provider
     api.vms = {k: vm_machine(k, vm_ports[k], fleet.dir) for k in kinds}
@@ -177,6 +178,7 @@ async def api_gateway(tmp_path: Path, nursery: trio.Nursery, kinds: tuple[str, .
     return fleet, api
 
 
+@pytest.mark.e2e
 async def test_seed_contract_json_and_plain_text_and_retry_land_on_the_vm(tmp_path, nursery, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)
     fleet, api = await api_gateway(tmp_path, nursery, GOOD, monkeypatch)
@@ -218,7 +220,8 @@ async def test_seed_contract_json_and_plain_text_and_retry_land_on_the_vm(tmp_pa
     assert JSON_TOKEN not in logged and TEXT_TOKEN not in logged
 
 
-async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nursery, monkeypatch):
+@pytest.mark.e2e
+async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nursery, monkeypatch, caplog):
     fleet, api = await api_gateway(tmp_path, nursery, BAD, monkeypatch)
     bob = await Session(fleet.ssh("bob", "echo ready; cat")).open(nursery)  # another user, mid-session
     expected = {
@@ -239,11 +242,15 @@ async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nu
         async with trio.open_nursery() as clients:
             for kind in BAD:
                 clients.start_soon(attempt, kind)
+    shown = {"start_error": "the API's start answer is unusable (error id ", "backend_unreachable": " failed ("}
     for kind, (reason, words) in expected.items():
         r = results[kind]
         assert r.returncode == 255, (kind, r.out, r.err)
         assert f"fleetgate: {kind} could not be started:" in r.err, (kind, r.err)
-        assert words in r.err, (kind, r.err)
+        # The user gets a short reason and an error id; the API's answer is in the log line with that id.
+        assert shown[reason] in r.err and words not in r.err, (kind, r.err)
+        error_id = re.search(r"\(error id ([0-9a-f]{8})\)", r.err).group(1)
+        assert any(f"error_id={error_id}" in line and words in line for line in caplog.text.splitlines()), kind
         assert fleet.metric("fleetgate_wake_failures_total", backend=f"api-{kind}", reason=reason) == 1, kind
         other = "start_error" if reason == "backend_unreachable" else "backend_unreachable"
         assert fleet.metric("fleetgate_wake_failures_total", backend=f"api-{kind}", reason=other) == 0, kind
@@ -329,6 +336,7 @@ async def test_backend_without_status_or_stop_url_is_honest(tmp_path):
     ({"start_url": "http://h/s", "headers": {"X": 1}}, "backends.api.headers", "table of header names"),
     ({"start_url": "http://h/s", "colour": "blue"}, "backends.api.colour", "unknown key"),
 ])
+@pytest.mark.e2e
 def test_config_errors_name_the_key_and_the_fix(tmp_path, options, key, words):
     def patch(doc: dict) -> None:
         doc["backends"]["api"] = {"type": "http", **options}
@@ -342,6 +350,7 @@ def test_config_errors_name_the_key_and_the_fix(tmp_path, options, key, words):
     assert f"key '{key}': " in text and words in text, text
 
 
+@pytest.mark.e2e
 def test_machine_ssh_port_is_checked(tmp_path):
     def patch(doc: dict) -> None:
         doc["backends"]["api"] = {"type": "http", "start_url": "http://h/start_vm"}

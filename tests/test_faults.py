@@ -3,6 +3,8 @@ another user's session (bob's, open through the same gateway) keeps flowing."""
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ import trio
 
 from fleetgate.backends.process import descendants
 from helpers import Session, fetch_metrics, make_fleet, run, start_gateway
+
+pytestmark = pytest.mark.e2e
 
 
 async def open_bob(fleet, nursery) -> Session:
@@ -65,7 +69,10 @@ async def test_guest_dies_mid_session(tmp_path, nursery):
     victim = await Session(fleet.ssh("alice", "echo ready; cat")).open(nursery)
     pid = int((cfg.gateway.state_dir / "process" / "alice" / "sshd.pid").read_text())
     for p in [pid, *descendants(pid)]:  # alice's machine dies: its sshd and every session on it
-        os.kill(p, signal.SIGKILL)
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone: an isolated machine's pid namespace dies with its first process
     with trio.fail_after(20):
         code = await victim.proc.wait()
     assert code != 0  # she sees her session end
@@ -136,4 +143,77 @@ async def test_stop_error(tmp_path, nursery):
     backend.stop = real_stop
     r = await run(fleet.ssh("alice", "echo alice-still-reachable"))  # the next login finds it and goes on
     assert (r.returncode, r.out) == (0, "alice-still-reachable\n"), r.err
+    await bob_still_flows(bob)
+
+
+async def test_descriptor_exhaustion(tmp_path, nursery, monkeypatch):
+    """accept() fails with EMFILE (the process is out of descriptors): asyncio pauses the
+    listener and reports it; trio-asyncio used to re-raise that report into the main nursery,
+    ending the gateway and every session. Now it is counted and logged, bob flows, and the
+    login that arrived meanwhile succeeds once descriptors are back (floods under a real
+    `ulimit -n 1024`: tests/test_fd_exhaustion.py)."""
+    import errno
+    import socket
+
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    bob = await open_bob(fleet, nursery)
+    refused = trio.Event()
+    real_accept = socket.socket.accept
+
+    def exhausted(self):
+        address = self.getsockname()
+        if isinstance(address, tuple) and address[1] == fleet.port:
+            refused.set()
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", exhausted)
+    async with trio.open_nursery() as n:
+        results = []
+
+        async def login() -> None:
+            results.append(await run(fleet.ssh("alice", "echo in")))
+
+        n.start_soon(login)
+        with trio.fail_after(20):
+            await refused.wait()
+        monkeypatch.setattr(socket.socket, "accept", real_accept)  # descriptors are back
+    assert (results[0].returncode, results[0].out) == (0, "in\n"), results[0].err
+    assert fleet.metric("fleetgate_loop_errors_total", kind="accept_descriptors") >= 1
+    await bob_still_flows(bob)
+
+
+async def test_reload_that_fails_at_apply_time(tmp_path, nursery, monkeypatch, caplog):
+    """A config that check could not refuse (a key file swapped after check; before this fix,
+    an upstream_ca_key that is a public key) fails while being applied: the old config stays
+    whole (no machine half-added), the failure is counted and logged, sessions flow. It used
+    to raise out of the SIGHUP handler and end the process."""
+    import dataclasses
+    import logging
+
+    from fleetgate import app as app_mod
+    from fleetgate.app import App
+    from fleetgate.config import load
+
+    fleet, cfg = make_fleet(tmp_path)
+    app = App(cfg, stop_machines_on_exit=True)
+    with trio.fail_after(30):
+        running = fleet.running = await nursery.start(app.run)
+    bob = await open_bob(fleet, nursery)
+    before = running.gateway.config
+    new = load(fleet.config_path)
+    new = dataclasses.replace(
+        new, gateway=dataclasses.replace(new.gateway, upstream_ca_key=fleet.dir / "upstream_key.pub"),
+        machines={**new.machines, "carol": dataclasses.replace(new.machines["alice"], name="carol")})
+    monkeypatch.setattr(app_mod, "load", lambda path: new)
+    with caplog.at_level(logging.ERROR, logger="fleetgate.app"):
+        assert app.reload() is False
+    assert "reload rejected at apply time, old config stays in force" in caplog.text
+    assert running.gateway.config is before and app.config is before
+    assert "carol" not in running.fleet.machines  # nothing half-applied
+    assert fleet.metric("fleetgate_config_reloads_total", result="failure") == 1
+    assert fleet.metric("fleetgate_config_last_reload_successful") == 0
+    r = await run(fleet.ssh("alice", "echo still-served"))
+    assert (r.returncode, r.out) == (0, "still-served\n"), r.err
     await bob_still_flows(bob)

@@ -251,3 +251,27 @@ async def test_reconcile_adopts_outside_starts_and_reports_outside_stops(nursery
     lease.release()
     (await fleet.acquire("alice")).release()  # the next connection wakes it again
     assert backend.count("start") == 1 and m.state is State.RUNNING
+
+
+async def test_machine_whose_state_cannot_be_read_is_stopped_when_idle(nursery, autojump_clock):
+    """Issue 10, item 9: an HTTP backend without status_url after a gateway restart. The machine
+    may be running; it must be stopped (stop is idempotent) once idle past its minimum uptime."""
+
+    class NoStatus(FakeBackend):
+        async def status(self, machine):
+            self.calls.append(("status", machine.name))
+            return PowerState.UNKNOWN
+
+    backend = NoStatus()
+    fleet = make_fleet(nursery, backend, machine_config("alice", idle_timeout=60, min_uptime=100))
+    await fleet.reconcile()  # what a (re)started gateway does first
+    found = trio.current_time()
+    assert fleet.machines["alice"].state is State.UNKNOWN
+    await start_reaper(nursery, fleet)
+    await sleep_until(found + 98)  # idle since found, but the minimum uptime counts from then too
+    assert backend.count("stop") == 0
+    await sleep_until(found + 103)
+    assert backend.count("stop", "alice") == 1
+    assert fleet.machines["alice"].state is State.STOPPED
+    await sleep_until(found + 1000)
+    assert backend.count("stop", "alice") == 1  # once: now its state is known

@@ -8,11 +8,13 @@ stays a thin adapter that is easy to fake in tests and easy to add.
 from __future__ import annotations
 
 import enum
+import math
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
-from ..config import BackendConfig, HostPort, MachineConfig
+from ..settings import BackendConfig, HostPort, MachineConfig
 
 PathResolver = Callable[[str | None], Path | None]
 
@@ -24,8 +26,8 @@ def is_port(value: Any) -> bool:
 
 def is_seconds(value: Any, *, allow_zero: bool) -> bool:
     """A duration in seconds: a number, > 0 or >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False  # TOML's inf and nan are numbers, not durations
     return value >= 0 if allow_zero else value > 0
 
 
@@ -38,25 +40,64 @@ class PowerState(enum.Enum):
 
 
 class BackendError(Exception):
-    """A backend call failed; `reason` is a short bounded code for metrics."""
+    """A backend call failed; `reason` is a short bounded code for metrics.
 
-    def __init__(self, message: str, reason: str = "start_error"):
-        super().__init__(message)
+    `message` is shown to the user (it must carry no secret: no URL query, no API answer,
+    no command output). What only operators may read goes in `detail`: the error then gets
+    an `error_id`, shown to the user after the message and logged with the detail, so a
+    user's report and the log line meet.
+    """
+
+    def __init__(self, message: str, reason: str = "start_error", detail: str | None = None):
+        self.error_id = secrets.token_hex(4) if detail else None
+        super().__init__(f"{message} (error id {self.error_id})" if self.error_id else message)
         self.reason = reason
+        self.detail = detail
+
+
+TCP = "tcp"
+VSOCK = "vsock"
+NETNS = "netns"   # TCP host:port inside another network namespace (the process backend's isolated machines)
 
 
 @dataclass(frozen=True)
 class Address:
-    """Where a machine's SSH server answers (TCP only for now)."""
+    """Where a machine's SSH server answers: TCP host:port, or VSOCK cid:port (kind="vsock").
+
+    For VSOCK, `host` holds the guest's context id as a decimal string (see `cid`), so code
+    that only logs an address keeps working; code that connects goes through
+    fleetgate.transport, which knows both kinds.
+    """
 
     host: str
     port: int
+    kind: str = TCP
+    netns: str = ""   # kind="netns": a path to the namespace (/proc/PID/ns/net or /run/netns/NAME)
 
     @classmethod
     def of(cls, hp: HostPort) -> "Address":
         return cls(hp.host, hp.port)
 
+    @classmethod
+    def vsock(cls, cid: int, port: int = 22) -> "Address":
+        return cls(str(int(cid)), port, VSOCK)
+
+    @classmethod
+    def in_netns(cls, netns: str, host: str, port: int) -> "Address":
+        """host:port as seen from inside the network namespace at `netns` (e.g. its own loopback)."""
+        return cls(host, port, NETNS, netns)
+
+    @property
+    def cid(self) -> int:
+        if self.kind != VSOCK:
+            raise ValueError(f"{self} is not a VSOCK address")
+        return int(self.host)
+
     def __str__(self) -> str:
+        if self.kind == VSOCK:
+            return f"vsock:{self.host}:{self.port}"
+        if self.kind == NETNS:
+            return f"{self.host}:{self.port} in netns {self.netns}"
         return f"{self.host}:{self.port}"
 
 

@@ -9,13 +9,19 @@ Why it works the way it does:
 - Each command runs in its own process group; on timeout the whole group is killed, so a
   hung `sleep` or `ssh` inside a script does not outlive the call.
 - A non-zero exit is a failure carrying the tail of the command's stderr: that tail is what
-  the user and the log see, and usually says exactly what went wrong.
+  the log sees (it usually says exactly what went wrong), with an error id; the user sees
+  the exit status and the same id, never the output (a cloud CLI prints request ids, ARNs,
+  sometimes credentials).
+- Commands get a minimal environment (PATH, HOME, LANG, ... and FLEETGATE_MACHINE,
+  FLEETGATE_OP), not the gateway's: its environment may hold other backends' tokens
+  (`token_env`). `pass_env` names the variables a command needs (AWS_PROFILE, KUBECONFIG).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -25,7 +31,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 
 import trio
 
-from ..config import BackendConfig, MachineConfig, parse_host_port
+from ..settings import BackendConfig, MachineConfig, parse_host_port
 from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 from .http import parse_ip, power_state
 
@@ -35,6 +41,9 @@ OPS = ("start", "stop", "status")
 DEFAULT_TIMEOUTS = {"start": 300.0, "stop": 120.0, "status": 30.0}
 TERM_GRACE = 3.0
 TAIL_CHARS = 400
+# What a command gets from the gateway's environment unless `pass_env` names more.
+BASE_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_OUTPUT = 64 * 1024
 
 
@@ -64,7 +73,8 @@ def _tail(f: BinaryIO) -> str:
 
 class CommandBackend(Backend):
     TYPE = "command"
-    BACKEND_OPTIONS = ("start", "stop", "status", "shell", "start_timeout", "stop_timeout", "status_timeout")
+    BACKEND_OPTIONS = ("start", "stop", "status", "shell", "start_timeout", "stop_timeout", "status_timeout",
+                       "pass_env")
     MACHINE_OPTIONS = ("ssh_port", "vm_name")
     PROVIDES_ADDRESS = True
 
@@ -94,6 +104,10 @@ class CommandBackend(Backend):
             v = opts.get(f"{op}_timeout")
             if v is not None and not is_seconds(v, allow_zero=False):
                 yield f"{op}_timeout", f"must be a number of seconds > 0, got {v!r}"
+        pe = opts.get("pass_env")
+        if pe is not None and (not isinstance(pe, list) or
+                               not all(isinstance(n, str) and ENV_NAME_RE.match(n) for n in pe)):
+            yield "pass_env", "must be a list of environment variable names, e.g. [\"AWS_PROFILE\", \"KUBECONFIG\"]"
 
     @classmethod
     def check_machine_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
@@ -110,6 +124,12 @@ class CommandBackend(Backend):
         self.shell = bool(o.get("shell", False))
         self.timeouts = {op: float(o.get(f"{op}_timeout", DEFAULT_TIMEOUTS[op])) for op in OPS}
         self._addresses: dict[str, Address] = {}
+        self.pass_env = (*BASE_ENV, *(o.get("pass_env") or ()))
+
+    def _env(self, op: str, machine: MachineConfig) -> dict[str, str]:
+        env = {k: os.environ[k] for k in self.pass_env if k in os.environ}
+        env.setdefault("PATH", os.defpath)
+        return {**env, "FLEETGATE_MACHINE": machine.name, "FLEETGATE_OP": op}
 
     def _argv(self, op: str, machine: MachineConfig) -> list[str]:
         vm = str(machine.options.get("vm_name", machine.name))
@@ -124,7 +144,7 @@ class CommandBackend(Backend):
         """Run one command; its stdout, or BackendError with its stderr tail."""
         argv = self._argv(op, machine)
         timeout = self.timeouts[op]
-        env = {**os.environ, "FLEETGATE_MACHINE": machine.name, "FLEETGATE_OP": op}
+        env = self._env(op, machine)
         killed: list[int] = []
 
         async def deliver_cancel(proc: trio.Process) -> None:
@@ -146,12 +166,13 @@ class CommandBackend(Backend):
             if scope.cancelled_caught:
                 tail = _tail(err)
                 log.warning("command backend timeout op=%s machine=%s seconds=%g", op, machine.name, timeout)
-                raise BackendError(f"{op} command timed out after {timeout:g} s" + (f": {tail}" if tail else ""),
-                                   "backend_unreachable")
+                raise BackendError(f"{op} command timed out after {timeout:g} s", "backend_unreachable",
+                                   detail=f"{op} command timed out after {timeout:g} s: {tail or '(no stderr)'}")
             log.info("command backend op=%s machine=%s exit=%d", op, machine.name, proc.returncode)
             if proc.returncode != 0:
                 tail = _tail(err) or "(no output on stderr)"
-                raise BackendError(f"{op} command exited with status {proc.returncode}: {tail}", failure_reason)
+                raise BackendError(f"{op} command exited with status {proc.returncode}", failure_reason,
+                                   detail=f"{op} command exited with status {proc.returncode}: {tail}")
             out.seek(0)
             return out.read(MAX_OUTPUT).decode("utf-8", errors="replace")
 

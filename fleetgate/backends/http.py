@@ -9,7 +9,9 @@ out the reason is `backend_unreachable`, so alerts can tell "the API is down" fr
 API answered nonsense" (`start_error`).
 
 The bearer token is read from a file or an environment variable at each call (so it can be
-rotated without a reload) and never appears in a log line or an error message.
+rotated without a reload) and never appears in a log line or an error message. Some APIs take
+their key in the URL (`?api_key=...`): users see the URL without its query string and never the
+API's answer (a short reason and an error id); the log has the detail with query values redacted.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from ..config import BackendConfig, MachineConfig
+from ..settings import BackendConfig, MachineConfig
 from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
@@ -240,7 +242,8 @@ class HttpBackend(Backend):
     async def _call(self, op: str, machine: MachineConfig, error_reason: str) -> bytes:
         """One API call with retries; the answer's body, or BackendError with a bounded reason."""
         method, url, headers, body = self._request_parts(op, machine)
-        shown = _redact(url)
+        shown = _redact(url)       # for logs: query values redacted
+        public = _public(url)      # for users: no query string at all
         client = self._client_for_calls()
         problem = ""
         for attempt in range(self.retries + 1):
@@ -254,10 +257,12 @@ class HttpBackend(Backend):
                 continue
             log.info("http backend op=%s machine=%s %s %s -> %d", op, machine.name, method, shown, status)
             if not 200 <= status < 300:
-                raise BackendError(f"{method} {shown} answered HTTP {status}: {snippet(answer)}", error_reason)
+                raise BackendError(f"{method} {public} answered HTTP {status}", error_reason,
+                                   detail=f"{method} {shown} answered HTTP {status}: {snippet(answer)}")
             return answer
         tries = "once" if self.retries == 0 else f"{self.retries + 1} times"
-        raise BackendError(f"{method} {shown} failed ({tries}): {problem}", "backend_unreachable")
+        raise BackendError(f"{method} {public} failed ({tries})", "backend_unreachable",
+                           detail=f"{method} {shown} failed ({tries}): {problem}")
 
     async def _attempt(self, client: httpx.AsyncClient, method: str, url: str, shown: str,
                        headers: dict[str, str], body: Any, error_reason: str) -> tuple[int | None, bytes, str]:
@@ -269,7 +274,7 @@ class HttpBackend(Backend):
                     async for chunk in resp.aiter_bytes():
                         answer += chunk
                         if len(answer) > MAX_ANSWER:
-                            raise BackendError(f"{method} {shown}: answer larger than {MAX_ANSWER} bytes",
+                            raise BackendError(f"{method} {_public(url)}: answer larger than {MAX_ANSWER} bytes",
                                                error_reason)
                     problem = f"HTTP {resp.status_code}: {snippet(answer)}" if resp.status_code >= 500 else ""
                     return resp.status_code, answer, problem
@@ -285,8 +290,9 @@ class HttpBackend(Backend):
         answer = await self._call("start", machine, "start_error")
         try:
             ip = parse_start_answer(answer, self.ip_field)
-        except ValueError as exc:
-            raise BackendError(f"start answer unusable: {exc}", "start_error") from None
+        except ValueError as exc:  # the reason quotes the answer: operators only
+            raise BackendError("the API's start answer is unusable", "start_error",
+                               detail=f"start answer unusable: {exc}") from None
         self._ips[machine.name] = ip
         log.info("http backend started machine=%s ip=%s", machine.name, ip)
 
@@ -304,7 +310,8 @@ class HttpBackend(Backend):
         try:
             state, ip = parse_status_answer(answer, self.status_field, self.ip_field)
         except ValueError as exc:
-            raise BackendError(f"status answer unusable: {exc}", "backend_error") from None
+            raise BackendError("the API's status answer is unusable", "backend_error",
+                               detail=f"status answer unusable: {exc}") from None
         if ip is not None:
             self._ips[machine.name] = ip
         return state
@@ -334,6 +341,16 @@ def _substitute(value: Any, vm: str) -> Any:
 
 
 def _redact(url: str) -> str:
-    """The URL without user:password, for messages the user and the logs see."""
+    """The URL for logs: without user:password, and query values replaced (`?api_key=REDACTED`)."""
     u = httpx.URL(url)
-    return str(u.copy_with(username=None, password=None)) if u.userinfo else url
+    if u.userinfo:
+        u = u.copy_with(username=None, password=None)
+    if u.query:
+        u = u.copy_with(params=[(k, "REDACTED") for k, _ in u.params.multi_items()])
+    return str(u)
+
+
+def _public(url: str) -> str:
+    """The URL for users: scheme, host, port and path; no credentials, no query string."""
+    u = httpx.URL(url)
+    return str(u.copy_with(username=None, password=None, query=None, fragment=None))

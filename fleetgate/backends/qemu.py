@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping
 import trio
 
 from .. import probe
-from ..config import BackendConfig, MachineConfig
+from ..settings import BackendConfig, MachineConfig
 from . import qmp as qmp_mod
 from .base import Address, Backend, BackendError, is_port, PathResolver, PowerState
 
