@@ -10,9 +10,15 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import sys
 from pathlib import Path
 
 from .keys import ensure_key, public_line
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 DEMO_USERS = ("alice", "bob")
 
@@ -28,13 +34,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def machine_account(name: str) -> str:
+    """The account an isolated demo machine runs as (created by the process backend)."""
+    return f"fg-{name}"
+
+
 def _known_host_names(port: int) -> list[str]:
     return ["127.0.0.1", "localhost"] if port == 22 else [f"[127.0.0.1]:{port}", f"[localhost]:{port}"]
 
 
 def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: float = 0.0,
-            idle_timeout: float | None = None, min_uptime: float | None = None) -> Path:
-    """Write keys and fleetgate.toml under state_dir; return the config path."""
+            idle_timeout: float | None = None, min_uptime: float | None = None, isolation: str = "auto") -> Path:
+    """Write keys and fleetgate.toml under state_dir; return the config path.
+
+    isolation: "auto" (isolate where this host allows it, else opt in to "none"), "namespaces"
+    (always; serve refuses where it cannot) or "none" (machines run as the gateway's account)."""
     d = state_dir
     d.mkdir(parents=True, exist_ok=True)
     host_key = ensure_key(d / "gateway_host_key", "fleetgate-demo-gateway")
@@ -42,6 +56,16 @@ def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: fl
     client_key = ensure_key(d / "client_key", "fleetgate-demo-client")
     host_line = public_line(host_key)
     known = [f"{n} {host_line}" for n in _known_host_names(port)]
+    # Machines are isolated (own namespaces, own account fg-NAME) where this host allows it;
+    # elsewhere (not root) the demo opts in to isolation = "none", and says so loudly.
+    from .backends.process import isolation_problem
+
+    if isolation == "auto":
+        problem = isolation_problem()
+    elif isolation == "none":
+        problem = "asked for with --isolation none"
+    else:
+        problem = None
     me = getpass.getuser()
     ports_file = d / "machine_ports"
     ports = {}
@@ -62,7 +86,7 @@ def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: fl
         machines.append(f"""
 [machines.{name}]
 backend = "local"
-user = "{me}"
+user = "{me if problem else machine_account(name)}"
 host_key = "{public_line(mkey)}"
 port = {ports[name]}
 host_key_file = "machines/{name}/ssh_host_ed25519_key"
@@ -76,6 +100,9 @@ boot_timeout = {max(30.0, boot_delay + 30):g}
 authorized_keys_file = "client_key.pub"
 machines = ["{name}"]
 """ for name in DEMO_USERS)
+    isolation = "" if problem is None else (
+        f'# Machines are not isolated ({problem}):\n'
+        f'# every demo machine runs as {me}, the gateway\'s own account.\nisolation = "none"\n')
     metrics = f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port is not None else ""
     text = f"""# Written by `fleetgate demo`; an ordinary fleetgate config (see docs/config.example.toml).
 [gateway]
@@ -87,22 +114,36 @@ state_dir = "state"
 [backends.local]
 type = "process"
 start_delay = {boot_delay:g}
-{''.join(machines)}{users}"""
+{isolation}{''.join(machines)}{users}"""
     cfg = d / "fleetgate.toml"
     cfg.write_text(text)
     return cfg
 
 
+def isolation_mode(state_dir: Path) -> tuple[str, str]:
+    """(mode line for the user, the machines' user) from the demo's fleetgate.toml."""
+    doc = tomllib.loads((state_dir / "fleetgate.toml").read_text())
+    backend = doc["backends"]["local"]
+    user = doc["machines"]["alice"]["user"]
+    if backend.get("isolation", "namespaces") == "none":
+        return ("mode: NOT ISOLATED (isolation = \"none\"): machines run as the gateway's own account "
+                f"({user}) on its network; any demo user can read the gateway's keys. Run as root to isolate."), user
+    return ("mode: isolated: each machine has its own network, mount and pid namespaces and its own account "
+            "(fg-alice, fg-bob)"), user
+
+
 def instructions(state_dir: Path, port: int, metrics_port: int | None) -> str:
     d = state_dir
+    mode, machine_user = isolation_mode(d)
     base = f"ssh -p {port} -i {d}/client_key -o UserKnownHostsFile={d}/known_hosts -o IdentitiesOnly=yes"
     lines = [
         f"fleetgate demo: gateway on 127.0.0.1:{port}, machines alice and bob (stopped until you log in)",
+        mode,
         "try:",
         f"  {base} alice@127.0.0.1 'hostname; echo hello from alice'",
         f"  {base} bob@127.0.0.1",
         f"  ssh -i {d}/client_key -o UserKnownHostsFile={d}/known_hosts -o IdentitiesOnly=yes "
-        f"-o ProxyCommand='{base} -W %h:%p alice@127.0.0.1' {getpass.getuser()}@alice   # jump mode, end to end",
+        f"-o ProxyCommand='{base} -W %h:%p alice@127.0.0.1' {machine_user}@alice   # jump mode, end to end",
     ]
     if metrics_port is not None:
         lines.append(f"  curl -s 127.0.0.1:{metrics_port}/metrics | grep ^fleetgate_")
