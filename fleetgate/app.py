@@ -8,7 +8,6 @@ connections (so asyncio prints no unclosed-transport warnings), then, only if as
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -16,11 +15,9 @@ import socket
 from dataclasses import dataclass, field
 from functools import partial
 
-import asyncssh
 import trio
-import trio_asyncio
 
-from . import http, passthrough
+from . import fdlimit, http, passthrough, private
 from .admin import AdminAPI
 from .audit import AuditLog
 from .backends import BACKEND_TYPES, Backend
@@ -28,12 +25,10 @@ from .config import Config, ConfigError, load, resolve_path
 from .fleet import Fleet
 from .metrics import Metrics
 from .reaper import Reaper
+from .store import build_store
 from .routing import Router, TableRouter
-from .passthrough import RateLimiter
-from .ssh import algorithms, internals
-from .ssh.front import FrontConnection
-from .ssh.grace import GraceClock
-from .ssh.limits import LimitsConfig, PreauthLimiter
+from .ssh import bridge, internals
+from .ssh.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -48,108 +43,6 @@ def build_backends(config: Config, previous: dict[str, Backend] | None = None) -
         out[name] = old if old is not None and old.config == b else \
             BACKEND_TYPES[b.type](b, resolve, config.gateway.state_dir)
     return out
-
-
-class Gateway:
-    """The asyncssh listeners and what every FrontConnection shares."""
-
-    def __init__(self, config: Config, fleet: Fleet, router: Router, metrics: Metrics,
-                 audit: AuditLog | None = None):
-        self.config = config
-        self.audit = audit or AuditLog(None, metrics)
-        self.fleet = fleet
-        self.router = router
-        self.metrics = metrics
-        self.connections: set[FrontConnection] = set()
-        self.connections_changed = trio.Event()
-        self.no_keys: frozenset[bytes] = frozenset()
-        self.host_keys = [asyncssh.read_private_key(str(p)) for p in config.gateway.host_keys]
-        self.limiter = PreauthLimiter(config.limits or LimitsConfig(),
-                                      count=lambda reason: metrics.preauth_refusals.labels(reason).inc())
-        self.grace = GraceClock(config.gateway.login_grace)
-        self._sweeper: asyncio.Task | None = None
-        self.apply(config, router)
-        self._servers: list[asyncssh.SSHAcceptor] = []
-        self.ports: list[int] = []
-        self.inherited_sockets: list[socket.socket] = []
-
-    def apply(self, config: Config, router: Router) -> None:
-        """Take a (re)loaded config for new connections; live connections keep what they have."""
-        self.config = config
-        self.router = router
-        self.grace.grace = config.gateway.login_grace
-        self.user_keys = {
-            name: frozenset(asyncssh.import_public_key(k).public_data for k in u.authorized_keys)
-            for name, u in config.users.items()
-        }
-        self.ca_keys = frozenset(asyncssh.import_public_key(k).public_data for k in config.user_ca_keys)
-        ca = config.gateway.upstream_ca_key
-        self.upstream_ca = asyncssh.read_private_key(str(ca)) if ca is not None else None
-        limits = config.limits or LimitsConfig()
-        if limits != self.limiter.config:
-            self.limiter = PreauthLimiter(limits, count=self.limiter._count)
-        self.password_machines = any(m.password_passthrough for m in config.machines.values())
-        if getattr(self, "_password_limits", None) != (limits.password_per_source_per_minute,
-                                                       limits.password_per_user_per_minute):
-            self._password_limits = (limits.password_per_source_per_minute, limits.password_per_user_per_minute)
-            self.password_sources = RateLimiter(limits.password_per_source_per_minute)
-            self.password_users = RateLimiter(limits.password_per_user_per_minute)
-
-    async def start(self) -> None:
-        """asyncio side: open every listener."""
-        g = self.config.gateway
-        self._sweeper = asyncio.ensure_future(self.grace.run())
-        # systemd socket activation hands us the listening sockets; otherwise we open our own.
-        places = [{"sock": sock} for sock in self.inherited_sockets] or \
-                 [{"host": hp.host, "port": hp.port} for hp in g.listen]
-        for place in places:
-            server = await asyncssh.create_server(
-                lambda: FrontConnection(self), **place,
-                server_host_keys=self.host_keys,
-                # Our GraceClock bounds pre-auth time (asyncssh's timer per connection would
-                # leave a cancelled timer behind each); a verified client waiting for a boot
-                # is bounded by the machine's boot_timeout instead.
-                login_timeout=0, backlog=1024, **algorithms.front_options(g),
-                keepalive_interval=g.keepalive_interval, keepalive_count_max=3,
-                line_editor=False, encoding=None, allow_pty=True, agent_forwarding=True,
-                x11_forwarding=False, password_auth=True, kbdint_auth=False, gss_host=None,
-                host_based_auth=False, **({} if "sock" in place else {"reuse_address": True}),
-            )
-            self._servers.append(server)
-            for sock in server.sockets:
-                self.ports.append(sock.getsockname()[1])
-        log.info("ssh listening ports=%s", self.ports)
-
-    def add_connection(self, c: FrontConnection) -> None:
-        self.connections.add(c)
-
-    def remove_connection(self, c: FrontConnection) -> None:
-        self.connections.discard(c)
-        self.connections_changed.set()
-        self.connections_changed = trio.Event()
-
-    def stop_listening(self) -> None:
-        for server in self._servers:
-            server.close()
-
-    def notify_all(self, text: str) -> None:
-        """A line on the stderr of every open session (and a banner to anyone still logging in)."""
-        for c in list(self.connections):
-            c.notify(text)
-
-    async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        for server in self._servers:
-            server.close()
-        for c in list(self.connections):
-            if c.conn is not None:
-                c.conn.close()
-        for server in self._servers:
-            await server.wait_closed()
-        for c in list(self.connections):
-            if c.conn is not None:
-                await c.conn.wait_closed()
 
 
 @dataclass
@@ -189,7 +82,9 @@ class App:
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP). New users, machines and routes apply to new
-        connections; live sessions continue. A broken file changes nothing."""
+        connections; live sessions continue. All or nothing: everything new (backends, keys,
+        the front's options) is built first; if any of it fails, nothing changed and the old
+        config stays whole. Only then are the parts swapped, with nothing left that can fail."""
         running = self._running
         assert running is not None
         try:
@@ -197,24 +92,33 @@ class App:
         except ConfigError as exc:
             for issue in exc.issues:
                 log.error("reload rejected, old config stays in force: %s", issue)
-            self.metrics.config_reloads.labels("failure").inc()
-            self.metrics.config_last_reload_ok.set(0)
-            return False
+            return self._reload_failed()
+        try:
+            backends = build_backends(new, self._backends)
+            prepared = running.gateway.prepare(new, TableRouter(new.users, new.machines))
+        except Exception as exc:  # a file changed under check's feet, a key that parses but does not load...
+            log.error("reload rejected at apply time, old config stays in force: error=%s: %s",
+                      type(exc).__name__, exc)
+            return self._reload_failed()
         if new.gateway.listen != self.config.gateway.listen or new.metrics != self.config.metrics:
             log.warning("reload: listen addresses changed; they apply after a restart")
-        backends = build_backends(new, self._backends)
         old = set(self._backends.values())
         for b in backends.values():
             if b not in old:
                 self._nursery.start_soon(b.run)
         running.fleet.apply(new.machines, backends)
-        running.gateway.apply(new, TableRouter(new.users, new.machines))
+        running.gateway.commit(prepared)
         self._backends = backends
         self.config = new
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_reload_ok.set(1)
         log.info("config reloaded users=%d machines=%d", len(new.users), len(new.machines))
         return True
+
+    def _reload_failed(self) -> bool:
+        self.metrics.config_reloads.labels("failure").inc()
+        self.metrics.config_last_reload_ok.set(0)
+        return False
 
     async def drain(self) -> None:
         """SIGTERM: stop accepting, tell users, let sessions finish up to drain_timeout."""
@@ -240,7 +144,11 @@ class App:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: reloading %s", self.config.path)
-                        self.reload()
+                        try:
+                            self.reload()
+                        except Exception:  # a bug in reload must not end every session
+                            log.exception("reload failed unexpectedly; the gateway keeps running")
+                            self._reload_failed()
                     elif not draining:
                         log.info("%s: draining, then shutting down (again to stop now)", signal.Signals(signum).name)
                         draining = True
@@ -264,6 +172,9 @@ class App:
 
     _running: Running | None = None
 
+    def _http_refused(self, reason: str) -> None:
+        self.metrics.http_refusals.labels(reason).inc()
+
     async def _reconcile_loop(self, fleet: Fleet) -> None:
         """Adopt machines started or stopped outside fleetgate, and notice ones that died."""
         while True:
@@ -274,13 +185,20 @@ class App:
         """Run until cancelled or until `Running.shutdown` is set."""
         if self.config.gateway.relay_tuning:
             internals.apply_relay_tuning()
+        before, after = fdlimit.raise_soft_limit()  # descriptors are the budget every connection draws on
+        self.metrics.fd_limit.set(after)
+        log.info("open-file limit=%d (soft limit was %d) max_unauthenticated=%d", after, before,
+                 self.config.limits.max_unauthenticated if self.config.limits else 0)
+        private.makedirs(self.config.gateway.state_dir)  # 0700; `fleetgate check` checked it can be created
         backends = self._backends = build_backends(self.config)
-        async with trio_asyncio.open_loop():
+        async with bridge.open_loop(on_error=lambda kind: self.metrics.loop_errors.labels(kind).inc()):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for b in backends.values():
                     await nursery.start(b.run)
-                fleet = Fleet(self.config.machines, backends, self.metrics, nursery)
+                store = self.store = build_store(self.config, self.metrics)  # [store]: memory or etcd (docs/ha.md)
+                await nursery.start(store.run)
+                fleet = Fleet(self.config.machines, backends, self.metrics, nursery, store=store)
                 await fleet.reconcile()
                 audit = AuditLog(self.config.audit_file, self.metrics)
                 gateway = Gateway(self.config, fleet, TableRouter(self.config.users, self.config.machines),
@@ -288,14 +206,17 @@ class App:
                 gateway.inherited_sockets = self.sockets
                 metrics_port = None
                 try:
-                    await trio_asyncio.aio_as_trio(gateway.start)()
+                    await bridge.run_aio(gateway.start)
                     nursery.start_soon(self._reconcile_loop, fleet)
                     await nursery.start(Reaper(fleet).run)
                     if self.config.gateway.admin_socket is not None:
-                        await nursery.start(http.serve_unix, str(self.config.gateway.admin_socket), AdminAPI(fleet))
+                        await nursery.start(partial(http.serve_unix, on_refusal=self._http_refused),
+                                            str(self.config.gateway.admin_socket), AdminAPI(fleet))
                     if self.config.metrics.listen is not None:
                         hp = self.config.metrics.listen
-                        metrics_port = await nursery.start(http.serve, hp.host, hp.port, self._http)
+                        metrics_port = await nursery.start(partial(http.serve, on_refusal=self._http_refused,
+                                                                   limits=http.Limits(share_for=1.0)),
+                                                           hp.host, hp.port, self._http)
                     passthrough_ports = await nursery.start(passthrough.serve, self.config, fleet, self.metrics)
                     running = self._running = Running(gateway, fleet, self.metrics, gateway.ports, metrics_port,
                                                      passthrough_ports=passthrough_ports)
@@ -303,7 +224,7 @@ class App:
                     await running.shutdown.wait()
                 finally:
                     with trio.CancelScope(shield=True):
-                        await trio_asyncio.aio_as_trio(gateway.close)()
+                        await bridge.run_aio(gateway.close)
                         if self.stop_machines_on_exit:
                             with trio.move_on_after(30):
                                 await fleet.stop_all()

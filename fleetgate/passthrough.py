@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import transport
 from .fleet import WakeError
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ async def _serve_one(name: str, fleet: "Fleet", metrics: "Metrics", limiter: Rat
         assert address is not None
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                upstream = await trio.open_tcp_stream(address.host, address.port)
+                upstream = await transport.open_trio_stream(address)   # TCP or VSOCK
         except (OSError, trio.TooSlowError) as exc:
             log.warning("passthrough refused machine=%s peer=%s reason=connect_failed address=%s error=%s",
                         name, peer, address, exc)

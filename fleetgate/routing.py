@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
+from .errors import RoutingError
 from .config import TARGET_SEPARATOR, MachineConfig, UserConfig
 
 
@@ -18,10 +19,6 @@ class Target:
     user: str            # the gateway user who authenticated
     machine: str         # the machine to land on
     upstream_user: str   # the account on that machine
-
-
-class RoutingError(Exception):
-    """The user authenticated but may not go where they asked; the text is shown to them."""
 
 
 def split_login(login: str) -> tuple[str, str | None]:

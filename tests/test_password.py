@@ -17,6 +17,8 @@ from helpers import make_fleet, run, start_gateway
 
 ACCOUNT = "fgpwtest"
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def account() -> tuple[str, str]:
@@ -86,3 +88,44 @@ async def test_password_attempts_are_rate_limited_per_source(tmp_path, nursery, 
     assert r.returncode == 255  # even the right password: this source spent its budget
     assert fleet.metric("fleetgate_preauth_refusals_total", reason="password_rate") == 1
     assert fleet.backend_calls("start") == starts
+
+
+async def test_a_wrong_password_does_not_escape_the_login_grace(tmp_path, nursery, account):
+    """After a wrong password the connection is still unauthenticated: counted by the
+    pre-auth limits and closed at its login grace, however long the client waits."""
+    import trio
+
+    user, password = account
+
+    def patch(doc):
+        patch_for(user)(doc)
+        doc["gateway"]["login_grace"] = 4
+
+    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    running = await start_gateway(nursery, fleet, cfg)
+    # askpass: a wrong password first, then it never answers (the client just holds on).
+    script = tmp_path / "askpass.sh"
+    script.write_text(f"#!/bin/sh\nif [ -e {tmp_path}/asked ]; then exec sleep 600; fi\n"
+                      f"touch {tmp_path}/asked\necho 'wrong-{password}'\n")
+    script.chmod(0o700)
+    argv = password_ssh(fleet, "alice", "true")
+    argv[argv.index("NumberOfPasswordPrompts=1")] = "NumberOfPasswordPrompts=3"
+    env = {"SSH_ASKPASS": str(script), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+    t0 = trio.current_time()
+    async with trio.open_nursery() as inner:
+        proc = await inner.start(lambda task_status: trio.run_process(
+            argv, env={**__import__("os").environ, **env}, check=False, capture_stderr=True,
+            capture_stdout=True, task_status=task_status))
+        with trio.fail_after(60):
+            while not (tmp_path / "asked").exists() or not fleet.metric("fleetgate_auth_failures_total",
+                                                                          method="password"):
+                await trio.sleep(0.05)  # the client's progress is only visible from outside
+        assert running.gateway.limiter.unauthenticated == 1  # still counted while it waits
+        with trio.fail_after(20):
+            while running.gateway.connections:
+                await running.gateway.connections_changed.wait()
+        elapsed = trio.current_time() - t0
+        inner.cancel_scope.cancel()  # the client itself still waits for its askpass
+    assert elapsed < 4 + 4 + 3, elapsed  # its grace (+ the sweep's bound), not the askpass's 600 s
+    assert fleet.metric("fleetgate_connections_total", result="preauth_timeout") == 1
+    assert running.gateway.limiter.unauthenticated == 0

@@ -1,63 +1,97 @@
-"""The SSH front: asyncssh server, authentication, routing, waking, and channel dispatch.
+"""One user's connection to the SSH front: authentication, then channels.
 
-Authenticate, then wake: asyncssh asks the server's validate_public_key() for the
-client's unsigned key query and again before checking the signature, so anyone who
-knows alice's public key could trigger it. We therefore hook the connection's own
-validate_public_key(), let asyncssh verify the signature, and only then route, wake the
-machine and connect upstream, all before answering USERAUTH_SUCCESS. Holding the answer
-is what lets us show progress as SSH auth banners, which OpenSSH prints on stderr and
-which never mix with the data of scp, sftp or rsync.
+Authenticate, then wake: asyncssh asks SSHServer.validate_public_key() for the client's
+unsigned key query too, so anyone who knows alice's public key could trigger it. The
+wake hangs off a hook that runs after asyncssh verified the signature
+(internals.hook_verified_publickey), and the whole login (route, wake, upstream) is
+fleetgate/login.py, plain trio, called once through the bridge. USERAUTH_SUCCESS is
+held back meanwhile, which is what lets us show progress as SSH auth banners: OpenSSH
+prints them on stderr, where they never mix with the data of scp, sftp or rsync.
+
+The callbacks here stay thin: they translate asyncssh's questions into calls on the
+login flow, the relays (relay.py, pipe.py) and the forwards (forwards.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncssh
-import trio_asyncio
 
-from ..fleet import Lease, WakeError
-from ..routing import RoutingError, Target, split_login
-from . import internals
+from .. import login as login_mod
+from ..fleet import Lease, State
+from ..routing import RoutingError, split_login
+from . import bridge, forwards, internals
 from . import upstream as upstream_mod
-from .relay import Pipe, SessionRelay
-
-if TYPE_CHECKING:
-    from ..app import Gateway
+from .context import FrontContext
+from .pipe import Pipe
+from .relay import SessionRelay
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
-
 
 class FrontConnection(asyncssh.SSHServer):
-    """One user's connection to the gateway."""
+    """One user's connection to the gateway (asyncssh server callbacks)."""
 
-    def __init__(self, gateway: "Gateway"):
-        self.gateway = gateway
+    def __init__(self, ctx: FrontContext):
+        self.ctx = ctx
         self.conn: asyncssh.SSHServerConnection | None = None
         self.peer = "?"
+        self.ip = "?"
         self.login = ""
-        self.target: Target | None = None
-        self.target_machine = ""
+        self.target: login_mod.Target | None = None
         self.upstream: asyncssh.SSHClientConnection | None = None
-        self._lease: Lease | None = None
-        self._closed = False
-        self._authorized = False
-        self._t0 = time.monotonic()
-        self._jump_only = True
-        self._pipes: set[Pipe] = set()
-        self._leases: set[Lease] = set()
+        self.lease: Lease | None = None     # the login's hold on its machine (dropped by a pure jump)
+        self.holds: set[Lease] = set()      # each jump channel's hold on its machine
+        self.pipes: set[Pipe] = set()
         self.sessions: set[SessionRelay] = set()
+        self.jump_only = True
+        self.write_paused = False  # the user's TCP socket is not taking data (see _transport_paused)
+        self.closed = False
+        self.authorized = False
         self.bytes_up = 0
         self.bytes_down = 0
-        self.ip = "?"
+        self._t0 = time.monotonic()
         self._admitted = False
         self._auth_failures = 0
-        self._closed_counted = False  # the connection's outcome went into fleetgate_connections_total
+        self._counted = False  # the connection's outcome went into fleetgate_connections_total
+        self._user: str | None = None  # the user whose per-user connection slot this holds
+
+    # -- what relays and forwards read ----------------------------------------------------
+
+    @property
+    def machine(self) -> str:
+        return self.target.machine if self.target else ""
+
+    @property
+    def window(self) -> int:
+        return self.ctx.config.gateway.window
+
+    @property
+    def max_packet(self) -> int:
+        return self.ctx.config.gateway.max_packet
+
+    def spawn(self, coro_fn: Any) -> Any:
+        return self.ctx.tasks.spawn(coro_fn)
+
+    def channel_result(self, kind: str, result: str) -> None:
+        self.ctx.metrics.channels.labels(kind, result).inc()
+
+    def session_closed(self, relay: SessionRelay) -> None:
+        self.sessions.discard(relay)
+
+    def session_ended(self, relay: SessionRelay) -> None:
+        self.sessions.discard(relay)
+        self.count_bytes("relay", relay.bytes)
+
+    def ended_reason(self) -> str:
+        """Why the machine's side of a session went away, for the user's stderr."""
+        m = self.ctx.fleet.machines.get(self.machine)
+        if m is not None and m.state in (State.STOPPING, State.STOPPED):
+            return f"fleetgate: {self.machine} was stopped (fleetgate stop --force); this session has ended"
+        return f"fleetgate: lost the connection to {self.machine}; the machine stopped answering"
 
     # -- connection lifecycle -------------------------------------------------------------
 
@@ -66,70 +100,86 @@ class FrontConnection(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         self.ip = peer[0] if peer else "?"
-        if not self.gateway.limiter.admit(self.ip, conn):
+        if not self.ctx.limiter.admit(self.ip, conn):
             conn.abort()
             return
         self._admitted = True
-        self.gateway.grace.start(self)
-        async def verified(username: str, msg: bytes, ok: bool) -> bool:
-            if not ok:
-                self._failed_attempt("publickey")
-                return False
-            if msg:  # the signature over the session id has been verified
-                self.gateway.limiter.authenticated(self.ip, conn)
-                await self._after_auth(username)
-            return True
+        self.ctx.grace.start(self)
+        internals.hook_verified_publickey(conn, lambda username: split_login(username)[0], self._key_verified)
+        internals.watch_transport(conn, lambda: self._transport_paused(True), lambda: self._transport_paused(False))
+        self.ctx.add_connection(self)
 
-        internals.hook_verified_publickey(conn, lambda username: split_login(username)[0], verified)
-        self.gateway.add_connection(self)
+    async def _key_verified(self, username: str, msg: bytes, ok: bool) -> bool:
+        if not ok:
+            self._failed_attempt("publickey")
+            return False
+        if msg:  # the signature over the session id has been verified
+            self.ctx.limiter.authenticated(self.ip, self.conn)
+            return await self._after_auth(username)
+        return True
+
+    def _transport_paused(self, paused: bool) -> None:
+        """The user's socket is full (or drained): stop (or resume) reading every machine side.
+
+        Resuming one channel can fill the socket again at once (asyncssh hands over what it
+        buffered), and then the transport pauses us re-entrantly: the rest stay paused."""
+        self.write_paused = paused
+        for channel in [*self.sessions, *self.pipes]:
+            if self.write_paused != paused:
+                return
+            channel.transport_paused(paused)
 
     def _failed_attempt(self, method: str) -> None:
-        self.gateway.metrics.auth_failures.labels(method).inc()
+        self.ctx.metrics.auth_failures.labels(method).inc()
         self._auth_failures += 1
-        if self._auth_failures >= self.gateway.config.limits.max_auth_tries:
-            self.gateway.limiter.refuse(self.ip, "max_auth_tries")
+        if self._auth_failures >= self.ctx.limiter.config.max_auth_tries:
+            self.ctx.limiter.refuse(self.ip, "max_auth_tries")
             raise asyncssh.PermissionDenied("fleetgate: too many authentication failures")
 
     def grace_expired(self) -> None:
-        """Called by the gateway's GraceClock when login_grace passed without authentication."""
-        if not self._authorized and self.conn is not None:
-            self.gateway.limiter.refuse(self.ip, "preauth_timeout")
+        """Called by the GraceClock when login_grace passed without authentication."""
+        if not self.authorized and self.conn is not None:
+            self.ctx.limiter.refuse(self.ip, "preauth_timeout")
             self._count("preauth_timeout")
             self.conn.abort()
 
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed = True
+        self.closed = True
         if self._admitted:
-            self.gateway.limiter.closed(self.ip, self.conn, failed_auth=self._auth_failures > 0)
-        self.gateway.grace.stop(self)
-        self.gateway.remove_connection(self)
-        for pipe in list(self._pipes):
+            self.ctx.limiter.closed(self.ip, self.conn, failed_auth=self._auth_failures > 0)
+        self.ctx.grace.stop(self)
+        self._give_user_slot()
+        self.ctx.remove_connection(self)
+        for pipe in list(self.pipes):
             pipe.abort()
         if self.upstream is not None:
             self.upstream.close()
-        for lease in list(self._leases):
-            lease.release()
-        self._leases.clear()
-        if self._lease is not None:
-            self._lease.release()
-        if self._authorized:
+        for lease in [*self.holds, *([self.lease] if self.lease else [])]:
+            bridge.call_trio_sync(lease.release)
+        self.holds.clear()
+        self.lease = None
+        if self.authorized:
             seconds = time.monotonic() - self._t0
-            self.gateway.metrics.session_duration.observe(seconds)
+            self.ctx.metrics.session_duration.observe(seconds)
             log.info("connection closed user=%s machine=%s peer=%s seconds=%.1f",
-                     self.target.user if self.target else "?", self.target_machine, self.peer, seconds)
-            self._audit("session_end", mode="relay", bytes_up=self.bytes_up, bytes_down=self.bytes_down,
-                        seconds=round(seconds, 3), result="error" if exc else "closed")
-        elif not self._closed_counted:
+                     self.target.user if self.target else "?", self.machine, self.peer, seconds)
+            self.audit("session_end", mode="relay", bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                       seconds=round(seconds, 3), result="error" if exc else "closed")
+        elif not self._counted:
             self._count("auth_failed" if self._auth_failures else "closed_preauth")
 
-    def _audit(self, event: str, **fields: Any) -> None:
-        self.gateway.audit.write(event, user=self.target.user if self.target else split_login(self.login)[0],
-                                 login=self.login, machine=fields.pop("machine", self.target_machine),
-                                 source=self.peer, **fields)
+    def audit(self, event: str, **fields: Any) -> None:
+        self.ctx.audit.write(event, user=self.target.user if self.target else split_login(self.login)[0],
+                             login=self.login, machine=fields.pop("machine", self.machine),
+                             source=self.peer, **fields)
 
     def _count(self, result: str) -> None:
-        self._closed_counted = True
-        self.gateway.metrics.connections.labels(result).inc()
+        self._counted = True
+        self.ctx.metrics.connections.labels(result).inc()
 
     # -- authentication -------------------------------------------------------------------
 
@@ -141,257 +191,181 @@ class FrontConnection(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # Same work for unknown users and wrong keys: one set lookup either way.
-        return key.public_data in self.gateway.user_keys.get(username, self.gateway.no_keys)
+        return key.public_data in self.ctx.user_keys.get(username, self.ctx.no_keys)
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # asyncssh then checks the certificate's validity period and that `username`
         # (the base user, without +target) is one of its principals.
-        return username in self.gateway.config.users and key.public_data in self.gateway.ca_keys
+        return username in self.ctx.config.users and key.public_data in self.ctx.ca_keys
 
     def _banner(self, line: str) -> None:
-        if self.conn is not None and not self._closed and not self._authorized:
+        if self.conn is not None and not self.closed and not self.authorized:
             self.conn.send_auth_banner(line + "\n")
 
-    def _refuse(self, result: str, message: str) -> None:
-        """Tell the (authenticated) user why, then disconnect."""
-        self._count(result)
-        self._audit("session_refused", mode="relay", result=result, reason=message)
-        self._banner(message)
-        raise asyncssh.ServiceNotAvailable(message)
+    async def _connect_upstream(self, target: login_mod.Target, address: Any, password: str | None) -> Any:
+        ctx = self.ctx
+        machine = ctx.config.machines[target.machine]
+        return await upstream_mod.connect(machine, address, target.upstream_user, ctx.config.gateway,
+                                          login=target.user, ca=ctx.upstream_ca, password=password)
+
+    async def _log_in(self, login: str, password: str | None) -> None:
+        """The login flow (plain trio), run from this asyncio callback through the bridge.
+
+        The session is taken here, in the trio task and with no checkpoint after log_in()
+        returns: asyncssh cancels an auth callback when the client sends another
+        USERAUTH_REQUEST, and a result still crossing the bridge then would be lost, with
+        its machine held for ever. What a cancelled earlier attempt left is let go first.
+        """
+        ctx = self.ctx
+        session = await login_mod.log_in(
+            login, router=ctx.router, fleet=ctx.fleet, progress=self._banner, password=password,
+            connect=lambda target, address, pw: bridge.run_aio(self._connect_upstream, target, address, pw),
+            still_wanted=lambda: not self.closed,
+            upstream_failed=lambda reason: ctx.metrics.upstream_failures.labels(reason).inc())
+        self._drop_login()
+        self.target, self.lease, self.upstream = session.target, session.lease, session.upstream
+
+    def _drop_login(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def _take_user_slot(self, login: str) -> None:
+        """limits.max_connections_per_user, counted from the first verified request (a login
+        in progress holds a slot too, so a burst cannot overshoot), before anything wakes."""
+        if self._user is not None:
+            return
+        user = split_login(login)[0]
+        limit = self.ctx.limiter.config.max_connections_per_user
+        held = self.ctx.user_connections.get(user, 0)
+        if held >= limit:
+            log.info("per-user connection limit user=%s connections=%d peer=%s", user, held, self.peer)
+            message = f"fleetgate: {user} already has {held} connections open (limit {limit}); close one and retry"
+            self._count("user_limit")
+            self._banner(message)
+            raise asyncssh.ServiceNotAvailable(message)
+        self.ctx.user_connections[user] = held + 1
+        self._user = user
+
+    def _give_user_slot(self) -> None:
+        if self._user is not None:
+            left = self.ctx.user_connections.get(self._user, 1) - 1
+            if left > 0:
+                self.ctx.user_connections[self._user] = left
+            else:
+                self.ctx.user_connections.pop(self._user, None)
+            self._user = None
 
     async def _after_auth(self, login: str, password: str | None = None) -> bool:
-        """Route, wake and connect upstream, before USERAUTH_SUCCESS is sent.
-
-        With a password (passthrough), the machine's sshd is the judge: a refusal there
-        returns False, a failed password attempt like any other."""
-        gw = self.gateway
-        self.gateway.grace.stop(self)
+        """Route, wake and connect upstream, before USERAUTH_SUCCESS is sent."""
+        self.ctx.grace.stop(self)
         self.login = login
-        user, want = split_login(login)
+        self._take_user_slot(login)
         try:
-            target = await trio_asyncio.trio_as_aio(gw.router.route)(user, want)
-        except RoutingError as exc:
-            log.info("routing refused user=%s target=%s peer=%s", user, want, self.peer)
-            self._refuse("routing_refused", str(exc))
-        self.target = target
-        self.target_machine = target.machine
-        machine = gw.config.machines[target.machine]
-        for attempt in (1, 2):
-            try:
-                lease = await trio_asyncio.trio_as_aio(gw.fleet.acquire)(target.machine, self._banner)
-            except WakeError as exc:
-                log.info("wake refused user=%s machine=%s reason=%s peer=%s", user, target.machine, exc.reason, self.peer)
-                self._refuse("wake_failed", exc.message)
-            if self._closed:
-                lease.release()
+            await bridge.run_trio(self._log_in, login, password)
+        except login_mod.Refused as refused:
+            self._give_user_slot()
+            if refused.reason in ("password_rejected", "gone"):
                 return False
-            self._lease = lease
-            address = gw.fleet.machines[target.machine].address
-            assert address is not None
-            try:
-                self.upstream = await upstream_mod.connect(machine, address, target.upstream_user, gw.config.gateway,
-                                                           login=target.user, ca=gw.upstream_ca, password=password)
-            except upstream_mod.UpstreamError as exc:
-                lease.release()
-                self._lease = None
-                if password is not None and exc.reason == "upstream_auth":
-                    log.info("password refused by machine user=%s machine=%s peer=%s", user, target.machine, self.peer)
-                    return False
-                gw.metrics.upstream_failures.labels(exc.reason).inc()
-                if exc.reason == "upstream_error" and attempt == 1:
-                    # The machine may have died since we last saw it: ask, and wake it again if so.
-                    await trio_asyncio.trio_as_aio(gw.fleet.machine_lost)(target.machine)
-                    continue
-                log.warning("upstream failed user=%s machine=%s reason=%s detail=%s",
-                            user, target.machine, exc.reason, exc.message)
-                self._refuse("upstream_failed", exc.message)
-            break
-        if self._closed:
-            self.upstream.close()
+            self._count(refused.reason)
+            self.audit("session_refused", mode="relay", result=refused.reason, reason=refused.message)
+            self._banner(refused.message)
+            raise asyncssh.ServiceNotAvailable(refused.message) from None
+        if self.closed:
+            bridge.call_trio_sync(self._drop_login)
+            self._give_user_slot()
             return False
-        self._authorized = True
+        self.authorized = True
         self._count("authenticated")
-        self._audit("session_start", mode="relay", method="password" if password is not None else "publickey")
-        log.info("connection authenticated user=%s machine=%s peer=%s", user, target.machine, self.peer)
+        self.audit("session_start", mode="relay", method="password" if password is not None else "publickey")
+        log.info("connection authenticated user=%s machine=%s peer=%s", self.target.user, self.machine, self.peer)
         return True
 
     def password_auth_supported(self) -> bool:
-        return self.gateway.password_machines
+        return self.ctx.password_machines
 
     async def validate_password(self, username: str, password: str) -> bool:
         """Opt-in password passthrough: only the machine's own sshd can check the password,
         so the machine is woken before the user is known — rate-limited per source and user."""
-        gw = self.gateway
+        ctx = self.ctx
         user, want = split_login(username)
         try:
-            target = await trio_asyncio.trio_as_aio(gw.router.route)(user, want)
+            target = await bridge.run_trio(ctx.router.route, user, want)
         except RoutingError:
             target = None
-        if target is None or not gw.config.machines[target.machine].password_passthrough:
+        if target is None or not ctx.config.machines[target.machine].password_passthrough:
             self._failed_attempt("password")
             return False
         now = time.monotonic()
-        if not gw.password_sources.allow(self.ip, now) or not gw.password_users.allow(user, now):
-            gw.limiter.refuse(self.ip, "password_rate")
+        if not ctx.password_sources.allow(self.ip, now) or not ctx.password_users.allow(user, now):
+            ctx.limiter.refuse(self.ip, "password_rate")
             self._failed_attempt("password")
             return False
-        gw.limiter.authenticated(self.ip, self.conn)  # waking: the grace timer no longer applies
+        # Not authenticated until the machine accepts the password: the pre-auth limits
+        # still count this connection, and its login grace is only suspended meanwhile.
+        deadline = ctx.grace.stop(self)
         if await self._after_auth(username, password=password):
+            ctx.limiter.authenticated(self.ip, self.conn)
             return True
+        if deadline is not None and not self.closed:
+            ctx.grace.resume(self, deadline)
         self._failed_attempt("password")
         return False
 
     # -- channels -------------------------------------------------------------------------
 
-    def _hold(self) -> None:
-        """A non-jump channel: the connection's lease must hold its machine (again, after a jump)."""
-        self._jump_only = False
-        if self._lease is None and not self._closed:
-            self._lease = self.gateway.fleet.try_acquire(self.target_machine)
+    def hold(self) -> None:
+        """A non-jump channel: the login's lease must hold its machine (again, after a jump)."""
+        self.jump_only = False
+        if self.lease is None and not self.closed:
+            self.lease = bridge.call_trio_sync(self.ctx.fleet.try_acquire, self.machine)
+
+    def admit_channel(self, kind: str) -> None:
+        """sshd's MaxSessions for sessions, and a cap on every channel of a connection."""
+        limits = self.ctx.limiter.config
+        if kind == "session" and len(self.sessions) >= limits.max_sessions:
+            what = f"at most {limits.max_sessions} sessions per connection (limits.max_sessions)"
+        elif len(self.sessions) + len(self.pipes) >= limits.max_channels:
+            what = f"at most {limits.max_channels} channels per connection (limits.max_channels)"
+        else:
+            return
+        self.ctx.metrics.channels.labels(kind, "limit").inc()
+        log.info("channel refused user=%s kind=%s reason=limit peer=%s", self.target.user if self.target else "?",
+                 kind, self.peer)
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"fleetgate: {what}")
 
     def session_requested(self) -> Any:
-        self._hold()
-        gw = self.gateway.config.gateway
-        chan = self.conn.create_server_channel(encoding=None, window=gw.window, max_pktsize=gw.max_packet)
+        self.admit_channel("session")
+        self.hold()
+        chan = internals.create_session_channel(self.conn, self.window, self.max_packet)
         relay = SessionRelay(self)
+        if self.write_paused:
+            relay.transport_paused(True)
         self.sessions.add(relay)
         return chan, relay
 
     def notify(self, text: str) -> None:
         """Tell this user something (shutdown): on each session's stderr, or as a banner before auth."""
-        if not self._authorized:
+        if not self.authorized:
             self._banner(text)
             return
         for relay in list(self.sessions):
             relay.notice(text)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
-        gw = self.gateway
-        assert self.target is not None
-        if dest_host in gw.config.machines:
-            if dest_port != 22 or not gw.router.may_reach(self.target.user, dest_host):
-                log.info("jump refused user=%s dest=%s:%s", self.target.user, dest_host, dest_port)
-                gw.metrics.channels.labels("jump", "refused").inc()
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                                f"fleetgate: {self.target.user} may not jump to {dest_host}:{dest_port}")
-            return self._jump(dest_host)
-        policy = gw.config.gateway.forwarding
-        if policy == "none" or (policy == "local" and dest_host.lower() not in LOOPBACK_NAMES):
-            gw.metrics.channels.labels("forward", "refused").inc()
-            log.info("forward refused user=%s dest=%s:%s policy=%s", self.target.user, dest_host, dest_port, policy)
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                f"fleetgate: forwarding to {dest_host}:{dest_port} is not allowed; jump targets are machine names")
-        self._hold()
-        return self._local_forward(dest_host, dest_port, orig_host, orig_port)
-
-    def _new_pipe(self, mode: str) -> Pipe:
-        def done(pipe: Pipe) -> None:
-            self._pipes.discard(pipe)
-            self.count_bytes(mode, pipe.bytes)
-
-        pipe = Pipe(mode, done)
-        self._pipes.add(pipe)
-        return pipe
-
-    async def _jump(self, machine: str) -> Any:
-        """Splice the channel to the machine's SSH port: the inner session stays end to end."""
-        gw = self.gateway
-        if self._jump_only and self._lease is not None:
-            # A pure jump connection should not keep the login's default machine awake.
-            self._lease.release()
-            self._lease = None
-        try:
-            lease = await trio_asyncio.trio_as_aio(gw.fleet.acquire)(machine, None)
-        except WakeError as exc:
-            gw.metrics.channels.labels("jump", "wake_failed").inc()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
-        address = gw.fleet.machines[machine].address
-        assert address is not None
-        pipe = self._new_pipe("jump")
-        try:
-            await asyncio.get_running_loop().create_connection(lambda: pipe.machine, address.host, address.port)
-        except OSError as exc:
-            lease.release()
-            self._pipes.discard(pipe)
-            gw.metrics.channels.labels("jump", "connect_failed").inc()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
-                                            f"fleetgate: cannot reach {machine}: {exc.strerror}") from None
-        if self._closed:
-            lease.release()
-            pipe.abort()
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "connection closed")
-        self._leases.add(lease)
-        original_done = pipe._on_done
-        t0 = time.monotonic()
-        self._audit("session_start", mode="jump", machine=machine)
-
-        def done(p: Pipe) -> None:
-            original_done(p)
-            self._leases.discard(lease)
-            lease.release()
-            self._audit("session_end", mode="jump", machine=machine, bytes_up=p.bytes.up, bytes_down=p.bytes.down,
-                        seconds=round(time.monotonic() - t0, 3), result="closed")
-
-        pipe._on_done = done
-        gw.metrics.channels.labels("jump", "ok").inc()
-        log.info("jump user=%s machine=%s peer=%s", self.target.user if self.target else "?", machine, self.peer)
-        return pipe.user
-
-    async def _local_forward(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
-        """-L: open the same direct-tcpip on the machine, so its sshd decides and connects."""
-        gw = self.gateway
-        pipe = self._new_pipe("forward")
-        g = gw.config.gateway
-        try:
-            await self.upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
-                                                  window=g.window, max_pktsize=g.max_packet)
-        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
-            self._pipes.discard(pipe)
-            gw.metrics.channels.labels("forward", "refused").inc()
-            reason = getattr(exc, "reason", str(exc))
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"{self.target_machine}: {reason}") from None
-        gw.metrics.channels.labels("forward", "ok").inc()
-        return pipe.user
+        return forwards.direct_tcpip(self, dest_host, dest_port, orig_host, orig_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
-        """-R: ask the machine to listen; its connections come back to the user as forwarded-tcpip."""
-        if self.gateway.config.gateway.forwarding == "none":
-            return False
-        self._hold()
-        return self._remote_forward(listen_host, listen_port)
-
-    async def _remote_forward(self, listen_host: str, listen_port: int) -> Any:
-        g = self.gateway.config.gateway
-        assert self.upstream is not None and self.conn is not None
-        actual: dict[str, int] = {}
-
-        async def on_connection(orig_host: str, orig_port: int) -> Any:
-            pipe = self._new_pipe("forward")
-            try:
-                await self.conn.create_connection(lambda: pipe.user, listen_host, actual["port"], orig_host, orig_port,
-                                                  window=g.window, max_pktsize=g.max_packet)
-            except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
-                self._pipes.discard(pipe)
-                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
-            return pipe.machine
-
-        try:
-            listener = await self.upstream.create_server(on_connection, listen_host, listen_port,
-                                                         window=g.window, max_pktsize=g.max_packet)
-        except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
-            log.info("remote forward refused machine=%s listen=%s:%s error=%s", self.target_machine, listen_host,
-                     listen_port, exc)
-            return False
-        actual["port"] = listener.get_port() or listen_port
-        self.gateway.metrics.channels.labels("remote_forward", "ok").inc()
-        return listener
+        return forwards.remote_forward(self, listen_host, listen_port)
 
     def count_bytes(self, mode: str, counted: Any) -> None:
         if mode != "jump":  # a jump channel is its own audited session
             self.bytes_up += counted.up
             self.bytes_down += counted.down
-        m = self.gateway.metrics
+        m = self.ctx.metrics
         if counted.up:
             m.relayed_bytes.labels("up", mode).inc(counted.up)
         if counted.down:

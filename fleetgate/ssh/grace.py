@@ -29,8 +29,21 @@ class GraceClock:
     def start(self, conn: Expirable) -> None:
         self._deadlines[conn] = self._clock() + self.grace
 
-    def stop(self, conn: Expirable) -> None:
-        self._deadlines.pop(conn, None)
+    def stop(self, conn: Expirable) -> float | None:
+        """No longer time this connection; returns its deadline (None if it had none)."""
+        return self._deadlines.pop(conn, None)
+
+    def resume(self, conn: Expirable, deadline: float) -> None:
+        """Time a connection again against the deadline stop() returned (password passthrough:
+        the clock is suspended while the machine judges a password, not reset by a wrong one).
+
+        It goes to the end of the order although its deadline is earlier than some there, so
+        the sweep may close it up to one grace period late: bounded, and rare.
+        """
+        if deadline <= self._clock():
+            conn.grace_expired()
+        else:
+            self._deadlines[conn] = deadline
 
     def expired(self) -> list[Expirable]:
         now = self._clock()

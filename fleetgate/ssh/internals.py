@@ -6,7 +6,13 @@ bump breaks a hook):
 
 - `apply_relay_tuning()`: per-packet costs of asyncssh that a relay pays twice per byte;
 - `set_agent_forward_path()`: agent forwarding decided per session, not per connection;
-- `hook_verified_publickey()`: a callback after asyncssh has verified a user's signature.
+- `hook_verified_publickey()`: a callback after asyncssh has verified a user's signature;
+- `send_exit_status()`, `send_exit_signal()`, `has_unread_data()`: what a relay needs to
+  pass a channel's exit, EOF and close on in the order the machine sent them;
+- `create_session_channel()`: a session channel that answers the user's CLOSE only after
+  the machine's channel closed, as sshd does (OpenSSH ControlMaster depends on it);
+- `watch_transport()`: the user's TCP back-pressure, which asyncssh itself ignores;
+- `create_remote_listener()`: `-R` registered before the machine listens, as OpenSSH does.
 
 Relay tuning: per-packet costs of asyncssh that a relay pays twice per byte, removed.
 
@@ -31,12 +37,18 @@ with a warning, on any other version.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+import weakref
+from typing import Any, Awaitable, Callable
 
 import asyncssh
+from asyncssh import auth as _auth
 from asyncssh import connection as _connection
+from asyncssh import kex as _kex
+from asyncssh import kex_dh as _kex_dh
 from asyncssh import packet as _packet
-from asyncssh.constants import MSG_IGNORE
+from asyncssh import listener as _listener
+from asyncssh.constants import MSG_CHANNEL_CLOSE, MSG_IGNORE, MSG_KEXINIT, MSG_REQUEST_SUCCESS
+from asyncssh.packet import Boolean, String, UInt32
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +207,411 @@ def hook_verified_publickey(conn: asyncssh.SSHServerConnection, account: Callabl
         return await on_result(username, msg, await original(account(username), key_data, msg, signature))
 
     conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+
+
+def send_exit_status(chan: asyncssh.SSHServerChannel, status: int) -> None:
+    """Send `exit-status` now, without closing the channel.
+
+    asyncssh's public exit() also closes, which would drop data and an EOF that the
+    machine sends after its exit status; a relay must pass each message on in the order
+    the machine sent it (OpenSSH's ControlMaster closes a channel as soon as it has seen
+    EOF both ways, so an exit status held back until CLOSE is lost).
+    """
+    if chan._send_state not in {"close_pending", "closed"}:  # noqa: SLF001
+        chan._send_request(b"exit-status", UInt32(status & 0xFF))  # noqa: SLF001
+
+
+def send_exit_signal(chan: asyncssh.SSHServerChannel, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+    """Send `exit-signal` now, without closing the channel (see send_exit_status)."""
+    if chan._send_state not in {"close_pending", "closed"}:  # noqa: SLF001
+        chan._send_request(b"exit-signal", String(signal), Boolean(core_dumped), String(msg),  # noqa: SLF001
+                           String(lang))
+
+
+def has_unread_data(chan: asyncssh.SSHClientChannel) -> bool:
+    """Whether asyncssh holds received data the session has not been handed yet.
+
+    asyncssh delivers channel requests (exit-status) at once, but data only while reading
+    is not paused: a relay that paused a channel must hold such a request back until the
+    data the machine sent before it has been delivered.
+    """
+    return bool(chan._recv_buf)  # noqa: SLF001
+
+
+# -- key exchange: the client's KEXINIT first -------------------------------------------
+#
+# asyncssh sends its KEXINIT as soon as it has read the client's version line. For a
+# server, RFC 4253 7.1 allows waiting for the client's KEXINIT instead, and the front's
+# policy (algorithms.FrontPolicy) then answers with lists made for that client: the
+# cheapest ciphers it supports, its own key exchange and host key choices first. A client
+# that waits for the server's KEXINIT gets the full lists after `policy.wait` seconds.
+#
+# It also fixes what asyncssh 2.24 does differently from OpenSSH's sshd as a server:
+# - a guessed first kex packet (first_kex_packet_follows, sent by Dropbear's dbclient) is
+#   kept only if both sides' first kex and host key algorithms agree (RFC 4253 7.1);
+#   asyncssh compared the negotiated kex with the client's first only, so it answered a
+#   packet Dropbear had discarded, and failed with "Key exchange not in progress";
+# - a user signature must use an algorithm of the connection's `signature_algs`, which
+#   asyncssh only advertised (server-sig-algs) but did not enforce;
+# - group exchange never hands out a group under 2048 bits (asyncssh starts at 1024 and
+#   ignores the client's minimum; OpenSSH's sshd clamps to 2048 and refuses a lower maximum).
+#
+# These apply to every asyncssh *server* connection in the process once installed (in
+# fleetgate, the SSH front is the only asyncssh server); clients are untouched.
+
+_kex_policy: Any = None  # an algorithms.FrontPolicy (not imported: algorithms imports this module)
+_kex_installed = False
+
+
+def available_kex_algs() -> list[str]:
+    """Key exchange algorithms this asyncssh (and its crypto backend) can do."""
+    return [a.decode() for a in _kex.get_kex_algs()]
+
+
+def install_kexinit_policy(policy: Any) -> bool:
+    """Make asyncssh server connections follow `policy` from their next connection on.
+
+    False (and a warning) on an asyncssh this was not tested with: then the front sends
+    the full lists first, as asyncssh does, and Dropbear's guessed kex packet may fail."""
+    global _kex_policy, _kex_installed
+    _kex_policy = policy
+    if _kex_installed:
+        return True
+    version = asyncssh.__version__
+    S = _connection.SSHServerConnection
+    attrs_ok = all(hasattr(S, n) for n in ("_recv_version", "_send_kexinit", "choose_server_host_key"))
+    handlers = getattr(_connection.SSHConnection, "_packet_handlers", None)
+    start = getattr(getattr(_auth, "_ServerPublicKeyAuth", None), "_start", None)
+    gex = getattr(getattr(_kex_dh, "_KexDHGex", None), "_packet_handlers", None)
+    if not version.startswith(TESTED) or not attrs_ok or not isinstance(handlers, dict) \
+            or MSG_KEXINIT not in handlers or start is None or not isinstance(gex, dict) \
+            or not {_GEX_REQUEST_OLD, _GEX_REQUEST} <= set(gex):
+        log.warning("asyncssh %s is not one fleetgate's KEXINIT handling was tested with; the front offers "
+                    "its full lists first and does not steer ciphers", version)
+        return False
+    _patch_recv_version(S)
+    _patch_process_kexinit(handlers)
+    _patch_userauth_signatures(_auth._ServerPublicKeyAuth)  # noqa: SLF001
+    _patch_gex_minimum(gex)
+    _kex_installed = True
+    return True
+
+
+def set_kex_budget(conn: Any, allow: Callable[[str], bool]) -> None:
+    """`allow(kex_name)` is asked before an expensive key exchange (algorithms.is_expensive_kex)
+    runs on this server connection; False takes it off the offer, or refuses the client."""
+    if isinstance(conn, _connection.SSHServerConnection):
+        conn._fg_kex_budget = allow  # noqa: SLF001
+
+
+def _patch_recv_version(S: type) -> None:
+    recv_version = S._recv_version
+
+    def patched(self) -> bool:
+        policy = _kex_policy
+        if policy is None:
+            return recv_version(self)
+        self._fg_policy = policy
+        # The policy's lists, not the listener's options: a reload that installs a new
+        # policy (algorithms.apply) reaches the next connection without a new listener.
+        self._kex_algs = [a.encode() for a in policy.kex]
+        self._enc_algs = [a.encode() for a in policy.ciphers]
+        self._mac_algs = [a.encode() for a in policy.macs]
+        if self._server_host_key_algs:
+            kept = [a.encode() for a in policy.host_keys([a.decode() for a in self._server_host_key_algs])]
+            self._server_host_key_algs = kept
+            if len(kept) < len(self._server_host_keys):  # asyncssh picks from this, offered or not
+                self._server_host_keys = {a: k for a, k in self._server_host_keys.items() if a in kept}
+        if policy.wait <= 0:
+            return recv_version(self)
+        # Let asyncssh accept the version line without sending its KEXINIT.
+        self._send_kexinit = _no_kexinit
+        try:
+            result = recv_version(self)
+        finally:
+            del self._send_kexinit
+        if self._kexinit_sent:  # the version was accepted: now wait for the client's KEXINIT
+            self._kexinit_sent = False
+            _KexinitClock.of(self._loop).add(self, policy.wait)
+        return result
+
+    S._recv_version = patched
+
+
+def _no_kexinit() -> None:
+    pass
+
+
+class _KexinitClock:
+    """One timer per event loop for every connection waiting for the client's KEXINIT.
+
+    A timer per connection would keep each connection (or, cancelled, its handle) in
+    memory for the whole wait after the client has gone; here a connection is held only
+    weakly and leaves as soon as its KEXINIT arrives or it is collected."""
+
+    _clocks: "weakref.WeakKeyDictionary[Any, _KexinitClock]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, loop: Any) -> "_KexinitClock":
+        clock = cls._clocks.get(loop)
+        if clock is None:
+            clock = cls._clocks[loop] = cls(loop)
+        return clock
+
+    def __init__(self, loop: Any):
+        self._loop = weakref.ref(loop)
+        self._pending: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
+        self._handle: Any = None
+        self._when = 0.0
+
+    def add(self, conn: Any, wait: float) -> None:
+        loop = self._loop()
+        if loop is None:
+            return
+        deadline = loop.time() + wait
+        self._pending[conn] = deadline
+        if self._handle is None or deadline < self._when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._when = deadline
+            self._handle = loop.call_at(deadline, self._fire)
+
+    def discard(self, conn: Any) -> None:
+        self._pending.pop(conn, None)
+
+    def _fire(self) -> None:
+        self._handle = None
+        loop = self._loop()
+        if loop is None:
+            return
+        now = loop.time()
+        due = [c for c, t in list(self._pending.items()) if t <= now]
+        for conn in due:
+            self._pending.pop(conn, None)
+            _send_full_kexinit(conn)
+        if self._pending:  # at most 20 passes a second, however many connections wait
+            self._when = max(min(self._pending.values()), now + 0.05)
+            self._handle = loop.call_at(self._when, self._fire)
+
+
+def _send_full_kexinit(conn: Any) -> None:
+    """The client did not send its KEXINIT in time: send ours with the full lists."""
+    if conn._transport is None or conn._kexinit_sent or conn._kex or conn._client_kexinit:
+        return
+    log.debug("kexinit: no client KEXINIT in time, sending the full lists")
+    try:
+        conn._send_kexinit()
+        conn._kexinit_sent = True
+    except Exception:  # noqa: BLE001 - report like asyncssh's own receive path does
+        conn.internal_error()
+
+
+def _patch_process_kexinit(handlers: dict) -> None:
+    process_kexinit = handlers[MSG_KEXINIT]
+
+    async def patched(self, pkttype: int, pktid: int, packet: Any) -> None:
+        policy = getattr(self, "_fg_policy", None)
+        if policy is None or not self.is_server() or self._kex:
+            return await process_kexinit(self, pkttype, pktid, packet)
+        _KexinitClock.of(self._loop).discard(self)
+        try:
+            client = policy.parse(packet.get_remaining_payload())
+        except policy.Malformed as exc:
+            raise asyncssh.ProtocolError(str(exc)) from None
+        if not self._session_id:  # the first key exchange (a rekey keeps its lists)
+            allow = getattr(self, "_fg_kex_budget", None) or _always
+            try:
+                if not self._kexinit_sent:
+                    hk = [a.decode() for a in (self._server_host_key_algs or ())]
+                    offer = policy.answer(client, hk, allow)
+                    log.debug("kexinit: answering the client's (ciphers %s)", ",".join(offer.ciphers))
+                    self._kex_algs = [a.encode() for a in offer.kex]
+                    self._enc_algs = [a.encode() for a in offer.ciphers]
+                    self._mac_algs = [a.encode() for a in offer.macs]
+                    if self._server_host_key_algs:
+                        self._server_host_key_algs = [a.encode() for a in offer.host_key]
+                else:
+                    policy.check_sent(client, policy.parse(self._server_kexinit[1:]), allow)
+            except policy.Refused as exc:
+                raise asyncssh.KeyExchangeFailed(str(exc)) from None
+        await process_kexinit(self, pkttype, pktid, packet)
+        if client.first_kex_follows:
+            server = policy.parse(self._server_kexinit[1:])
+            self._ignore_first_kex = not policy.guessed_right(client, server)
+        return None
+
+    handlers[MSG_KEXINIT] = patched
+
+
+def _always(_name: str) -> bool:
+    return True
+
+
+_CERT_SUFFIX = b"-cert-v01@openssh.com"
+
+
+def _patch_userauth_signatures(A: type) -> None:
+    start = A._start
+
+    async def patched(self, packet: Any) -> None:
+        allowed = getattr(self._conn, "_sig_algs", None)
+        if allowed:
+            try:
+                peek = _packet.SSHPacket(packet.get_remaining_payload())
+                signed = peek.get_boolean()
+                algorithm = peek.get_string()
+                peek.get_string()  # key
+                signature = peek.get_string() if signed else b""
+            except _packet.PacketDecodeError:
+                pass  # asyncssh reports the malformed request itself
+            else:
+                sig_alg = algorithm[:-len(_CERT_SUFFIX)] if algorithm.endswith(_CERT_SUFFIX) else algorithm
+                if sig_alg not in allowed or (signed and not _signature_named(signature, sig_alg)):
+                    self.logger.info("Refused public key algorithm %s", algorithm.decode("ascii", "replace"))
+                    self.send_failure()
+                    return
+        await start(self, packet)
+
+    A._start = patched
+
+
+def _signature_named(signature: bytes, sig_alg: bytes) -> bool:
+    try:
+        return _packet.SSHPacket(signature).get_string() == sig_alg
+    except _packet.PacketDecodeError:
+        return False
+
+
+class _RelayServerChannel(asyncssh.SSHServerChannel):
+    """A user's session channel whose CLOSE answer follows the machine's, as sshd's does.
+
+    OpenSSH's ControlMaster sends CLOSE as soon as it has seen EOF both ways, often before
+    the exit status, and sshd answers such a CLOSE only after it has sent the exit status
+    (it waits for the child). asyncssh answers at once and drops what comes later; this
+    channel instead discards unsent data, tells the session (`peer_closed()`), and sends
+    its CLOSE when the relay calls close() once the machine's channel has closed.
+    """
+
+    def _process_close(self, pkttype: int, pktid: int, packet: Any) -> None:
+        session = self._session
+        closing = getattr(session, "close_received", None)
+        if closing is not None:
+            closing()  # now, not at asyncssh's later cleanup: the next CHANNEL_OPEN may be in this chunk
+        if (self._send_state in {"close_pending", "closed"} or self._recv_state not in {"open", "eof_pending", "eof"}
+                or not hasattr(session, "peer_closed")):
+            return asyncssh.SSHServerChannel._process_close(self, pkttype, pktid, packet)
+        packet.check_end()
+        self._send_buf = []
+        self._send_buf_len = 0
+        self._recv_buf = []
+        self._recv_state = "close_pending"  # close() below finishes the cleanup
+        session.peer_closed()
+
+    _packet_handlers = {**asyncssh.SSHServerChannel._packet_handlers, MSG_CHANNEL_CLOSE: _process_close}
+
+
+def create_session_channel(conn: asyncssh.SSHServerConnection, window: int,
+                           max_pktsize: int) -> asyncssh.SSHServerChannel:
+    """A binary session channel for the relay, with sshd's CLOSE ordering (see above)."""
+    chan = conn.create_server_channel(encoding=None, window=window, max_pktsize=max_pktsize)
+    chan.__class__ = _RelayServerChannel
+    return chan
+
+
+_GEX_REQUEST_OLD = 30
+_GEX_REQUEST = 34
+GEX_MIN_BITS = 2048  # OpenSSH's DH_GRP_MIN
+
+
+def _patch_gex_minimum(handlers: dict) -> None:
+    process_request = handlers[_GEX_REQUEST]
+
+    def patched(self, pkttype: int, pktid: int, packet: Any) -> None:
+        if not self._conn.is_server():
+            return process_request(self, pkttype, pktid, packet)
+        raw = packet.get_remaining_payload()
+        try:
+            if pkttype == _GEX_REQUEST_OLD:
+                sizes = [int.from_bytes(raw[0:4], "big")]
+            else:
+                sizes = [int.from_bytes(raw[i:i + 4], "big") for i in (0, 4, 8)]
+        except ValueError:
+            return process_request(self, pkttype, pktid, packet)
+        if len(raw) != 4 * len(sizes):
+            return process_request(self, pkttype, pktid, packet)  # asyncssh reports it
+        if len(sizes) == 3 and sizes[2] < GEX_MIN_BITS:
+            raise asyncssh.KeyExchangeFailed(f"group exchange asked for at most {sizes[2]} bits; "
+                                             f"the minimum is {GEX_MIN_BITS}")
+        preferred = 0 if len(sizes) == 1 else 1
+        if sizes[preferred] >= GEX_MIN_BITS:
+            return process_request(self, pkttype, pktid, packet)
+        sizes[preferred] = GEX_MIN_BITS
+        clamped = b"".join(n.to_bytes(4, "big") for n in sizes)
+        result = process_request(self, pkttype, pktid, _packet.SSHPacket(clamped))
+        # The exchange hash covers what the client sent, not our clamped copy.
+        self._gex_data = raw + self._gex_data[len(clamped):]
+        return result
+
+    handlers[_GEX_REQUEST_OLD] = patched
+    handlers[_GEX_REQUEST] = patched
+
+
+def _transport_pause(self: Any) -> None:
+    hooks = getattr(self, "_fg_transport_hooks", None)
+    if hooks is not None:
+        hooks[0]()
+
+
+def _transport_resume(self: Any) -> None:
+    hooks = getattr(self, "_fg_transport_hooks", None)
+    if hooks is not None:
+        hooks[1]()
+
+
+def watch_transport(conn: asyncssh.SSHServerConnection, pause: Callable[[], None],
+                    resume: Callable[[], None]) -> None:
+    """Be told when the user's TCP connection stops taking data, and when it takes it again.
+
+    asyncssh ignores asyncio's pause_writing() (2.24: "Do nothing with this for now"): a
+    client that advertises a 2 GiB window and never reads its socket made the gateway
+    buffer everything the machine sent, gigabytes in seconds. With this, the front stops
+    reading the machines' side of that connection until the socket drains.
+    """
+    C = _connection.SSHConnection
+    if C.pause_writing is not _transport_pause:
+        C.pause_writing = _transport_pause
+        C.resume_writing = _transport_resume
+    conn._fg_transport_hooks = (pause, resume)  # noqa: SLF001
+
+
+async def create_remote_listener(conn: asyncssh.SSHClientConnection, session_factory: Any, listen_host: str,
+                                 listen_port: int, window: int, max_pktsize: int) -> Any:
+    """`-R` on the machine: like conn.create_server(), but ready before the machine listens.
+
+    asyncssh registers a remote listener only once the machine has answered the
+    tcpip-forward request, while the machine's sshd listens before it answers: a connection
+    arriving in between was refused ("No such listener") and reset. OpenSSH's client
+    registers first; so does this, for a fixed port (a dynamic port is unknown until the
+    answer, and nobody can connect to it before then either).
+    """
+    if not listen_port:
+        return await conn.create_server(session_factory, listen_host, listen_port, window=window,
+                                        max_pktsize=max_pktsize)
+    host = listen_host.lower()
+    key = (host, listen_port)
+    listeners = conn._remote_listeners  # noqa: SLF001
+    if key in listeners:
+        raise asyncssh.ChannelListenError("Failed to create remote TCP listener")
+    listener = _listener.SSHTCPClientListener(conn, session_factory, host, listen_port, None, "strict", window,
+                                              max_pktsize)
+    listeners[key] = listener
+    try:
+        pkttype, packet = await conn._make_global_request(b"tcpip-forward", String(host),  # noqa: SLF001
+                                                          UInt32(listen_port))
+    except BaseException:
+        listeners.pop(key, None)
+        raise
+    if pkttype != MSG_REQUEST_SUCCESS:
+        listeners.pop(key, None)
+        raise asyncssh.ChannelListenError("Failed to create remote TCP listener")
+    return listener

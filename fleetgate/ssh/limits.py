@@ -10,6 +10,11 @@ hold connections open or guess keys. So
   newcomer being refused, so a flood from many addresses cannot lock users out;
 - a source whose connections keep ending in failed authentication is blocked for a
   while (exempt networks never are);
+- Diffie-Hellman key exchanges with big groups (group16, group18, group exchange), which
+  cost the gateway up to ~4 times a curve25519 handshake while the client can send a
+  random number for free, draw on a budget (globally per second and per source per
+  minute); a connection over it is not offered them (or refused, if it can do nothing
+  else), counted as `kex_budget`;
 - every refusal is counted by reason, and logged once per source and reason a minute.
 """
 
@@ -22,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from . import internals
+
 log = logging.getLogger(__name__)
 
 LOG_WINDOW = 60.0
@@ -29,7 +36,8 @@ LOG_WINDOW = 60.0
 # makes the oldest idle records be forgotten, never the table grow or each admission slow down.
 MAX_SOURCES = 65_536
 MAX_LOGGED = 10_000
-REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate")
+REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate",
+                   "kex_budget")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,19 @@ class LimitsConfig:
     # Password passthrough wakes a machine before the user is known: a tight budget.
     password_per_source_per_minute: int = 5
     password_per_user_per_minute: int = 10
+    # Big-group DH (group16, group18, group exchange) before authentication: a group18 or
+    # 8192-bit group-exchange handshake costs the gateway ~14 ms of CPU against ~4 ms for
+    # curve25519 (bench/preauth_cpu.py), so 8 a second keep what a flood of them can take to
+    # about a ninth of one core. Clients with curve25519 or ECDH (every OpenSSH since 6.5,
+    # Dropbear, libssh2 1.9+, PuTTY) never need them.
+    expensive_kex_per_second: float = 8.0
+    expensive_kex_per_source_per_minute: int = 30
+    # After authentication: sshd's MaxSessions (shells, commands, sftp on one connection;
+    # OpenSSH ControlMaster and Ansible share one), every channel of a connection (forwards
+    # and jumps too), and connections per user (each holds an upstream login and buffers).
+    max_sessions: int = 10
+    max_channels: int = 64
+    max_connections_per_user: int = 64
 
 
 class Closable(Protocol):
@@ -67,7 +88,10 @@ class PreauthLimiter:
     def __init__(self, config: LimitsConfig, count: Callable[[str], None],
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None):
         self.config = config
-        self._count = count
+        # token buckets for expensive key exchanges: the global one, then one per source
+        self._kex_global = (float(config.expensive_kex_per_second), clock())
+        self._kex_sources: dict[str, tuple[float, float]] = {}
+        self.count = count
         self._clock = clock
         self._rng = rng or random.Random()
         self._sources: dict[str, _Source] = {}
@@ -85,7 +109,7 @@ class PreauthLimiter:
 
     def refuse(self, ip: str, reason: str) -> None:
         """Count a refusal and log it once per source and reason per minute."""
-        self._count(reason)
+        self.count(reason)
         now = self._clock()
         key = (ip, reason)
         if now - self._logged.get(key, -LOG_WINDOW) >= LOG_WINDOW:
@@ -126,6 +150,31 @@ class PreauthLimiter:
         src.unauthenticated[id(conn)] = (now, conn)
         self._holding[ip] = src
         self._total += 1
+        internals.set_kex_budget(conn, lambda name: self.expensive_kex(ip))
+        return True
+
+    def expensive_kex(self, ip: str) -> bool:
+        """May `ip` run one more finite-field DH key exchange now? (global and per-source buckets)"""
+        c = self.config
+        now = self._clock()
+        g_tokens, g_last = self._kex_global
+        g_tokens = min(c.expensive_kex_per_second, g_tokens + (now - g_last) * c.expensive_kex_per_second)
+        exempt = self._exempted(ip)
+        cap = float(c.expensive_kex_per_source_per_minute)
+        s_tokens, s_last = self._kex_sources.get(ip, (cap, now))
+        s_tokens = min(cap, s_tokens + (now - s_last) * cap / 60.0)
+        if g_tokens < 1.0 or (s_tokens < 1.0 and not exempt):
+            self._kex_global = (g_tokens, now)
+            self.refuse(ip, "kex_budget")
+            return False
+        self._kex_global = (g_tokens - 1.0, now)
+        if not exempt:
+            if len(self._kex_sources) >= MAX_SOURCES:  # bounded memory: forget the refilled ones
+                self._kex_sources = {k: v for k, v in self._kex_sources.items()
+                                     if v[0] + (now - v[1]) * cap / 60.0 < cap}
+                if len(self._kex_sources) >= MAX_SOURCES:
+                    self._kex_sources.clear()
+            self._kex_sources[ip] = (s_tokens - 1.0, now)
         return True
 
     def _prune(self, now: float) -> None:

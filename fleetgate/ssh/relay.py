@@ -1,32 +1,39 @@
-"""Relays between the user's channels and the machine's.
+"""One user session channel (shell, exec, subsystem) relayed to one channel on the machine.
 
 Why callbacks and not coroutines: the relay is the hot path, and asyncssh's session
 callbacks let one data_received() call hand a whole SSH packet's payload to the other
-channel's write() with no task switch, no queue and no copy of ours. Flow control is
-the transports' own: when one side's send window is full, asyncssh calls pause_writing()
-and we stop reading the other side, so memory stays bounded by the channel windows.
+channel's write() with no task switch, no queue and no copy of ours.
 
-Bytes are counted in plain ints and added to the Prometheus counters when a channel
-closes, not per packet.
+Why an outbox: what the machine sends on a channel (data, exit-status or exit-signal,
+EOF, CLOSE) must reach the user in the same order. asyncssh queues data behind the
+user's channel window but sends requests at once, and its public exit() also closes
+the channel; so control messages wait in the outbox until the user's side has sent
+every byte before them, and data that arrives after one waits behind it. OpenSSH's
+ControlMaster closes a channel as soon as it has seen EOF both ways: an exit status
+held back until CLOSE was lost there (exit 255, no message).
+
+Flow control is the transports' own: when the user's side stops taking data, asyncssh
+calls pause_writing() and we stop reading the machine's side, so what the gateway
+buffers per channel is bounded by its own window and buffer limits, not the client's.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import asyncssh
 
 from . import internals
 
-if TYPE_CHECKING:
-    from .front import FrontConnection
-
 log = logging.getLogger(__name__)
 
+EXIT_LOST = 255  # what OpenSSH's client reports when the connection to the server is lost
 
-class _Bytes:
+
+class Bytes:
+    """Bytes relayed in each direction, in plain ints (added to metrics when a channel ends)."""
+
     __slots__ = ("up", "down")
 
     def __init__(self) -> None:
@@ -34,24 +41,44 @@ class _Bytes:
         self.down = 0  # machine → user
 
 
-class SessionRelay(asyncssh.SSHServerSession):
-    """One user session channel (shell, exec or subsystem) ↔ one upstream session channel."""
+class RelayOwner(Protocol):
+    """What a session relay needs from the connection that owns it."""
 
-    def __init__(self, owner: "FrontConnection"):
+    upstream: Any
+    window: int
+    max_packet: int
+    machine: str
+
+    def spawn(self, coro_fn: Callable[[], Any]) -> Any: ...
+    def session_closed(self, relay: "SessionRelay") -> None: ...
+    def session_ended(self, relay: "SessionRelay") -> None: ...
+    def channel_result(self, kind: str, result: str) -> None: ...
+    def ended_reason(self) -> str: ...
+
+
+class SessionRelay(asyncssh.SSHServerSession):
+    """The user's session channel (asyncssh server session callbacks) and its relay state."""
+
+    def __init__(self, owner: RelayOwner):
         self._owner = owner
         self._front: asyncssh.SSHServerChannel | None = None
         self._up: asyncssh.SSHClientChannel | None = None
-        self._task: asyncio.Task | None = None
-        self._exit: tuple[Any, ...] | None = None
-        self._bytes = _Bytes()
+        self._task: Any = None
+        self.bytes = Bytes()
         self._closed = False
-        self._up_paused = False
+        self._up_paused = False   # the user's side asked us to stop (pause_writing)
+        self._pauses: set[str] = set()  # why: "channel" (its buffer) and/or "transport" (the TCP socket)
+        self._exited = False      # an exit status or signal went to the user
+        self._peer_closed = False  # the user sent CLOSE; we answer once the machine's side closed
         # Data (and EOF) the user sends before the upstream channel is open; bounded by
         # our channel window, since we send no window adjust while reading is paused.
         self._early: list[bytes] | None = []
         self._early_eof = False
+        # Machine → user, in order, once a control message has to wait (see module doc).
+        self._outbox: list[tuple] = []
+        self._held: list[tuple] = []  # control messages behind data asyncssh still holds
 
-    # -- user side (asyncssh server session callbacks) ------------------------------------
+    # -- user side ------------------------------------------------------------------------
 
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self._front = chan
@@ -69,8 +96,7 @@ class SessionRelay(asyncssh.SSHServerSession):
         return True
 
     def session_started(self) -> None:
-        assert self._front is not None
-        self._task = asyncio.ensure_future(self._open_upstream())
+        self._task = self._owner.spawn(self._open_upstream)
 
     async def _open_upstream(self) -> None:
         front = self._front
@@ -86,8 +112,8 @@ class SessionRelay(asyncssh.SSHServerSession):
             "subsystem": front.get_subsystem(),
             "env": front.get_environment(),
             "encoding": None,
-            "window": owner.gateway.config.gateway.window,
-            "max_pktsize": owner.gateway.config.gateway.max_packet,
+            "window": owner.window,
+            "max_pktsize": owner.max_packet,
         }
         if term_type:
             kwargs.update(request_pty="force", term_type=term_type, term_size=front.get_terminal_size(),
@@ -96,12 +122,12 @@ class SessionRelay(asyncssh.SSHServerSession):
             kwargs["request_pty"] = False
         internals.set_agent_forward_path(upstream, front.get_agent_path())
         try:
-            up, _ = await upstream.create_session(lambda: _UpstreamSession(self), **kwargs)
+            up, _ = await upstream.create_session(lambda: UpstreamSession(self), **kwargs)
         except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
-            owner.gateway.metrics.channels.labels("session", "refused").inc()
-            self._fail(f"fleetgate: {owner.target_machine} refused the session: {exc}")
+            owner.channel_result("session", "refused")
+            self._fail(f"fleetgate: {owner.machine} refused the session: {exc}")
             return
-        owner.gateway.metrics.channels.labels("session", "ok").inc()
+        owner.channel_result("session", "ok")
         if self._closed:
             up.close()
             return
@@ -123,10 +149,10 @@ class SessionRelay(asyncssh.SSHServerSession):
     def _fail(self, message: str) -> None:
         if self._front is not None and not self._closed:
             self._front.write_stderr((message + "\r\n").encode())
-            self._front.exit(255)
+            self._front.exit(EXIT_LOST)
 
     def data_received(self, data: bytes, datatype) -> None:
-        self._bytes.up += len(data)
+        self.bytes.up += len(data)
         if self._early is None:
             self._up.write(data)  # type: ignore[union-attr]
         else:
@@ -141,11 +167,33 @@ class SessionRelay(asyncssh.SSHServerSession):
         return True
 
     def pause_writing(self) -> None:
-        if self._up is not None:
-            self._up.pause_reading()
-        self._up_paused = True
+        self._pause("channel")
 
     def resume_writing(self) -> None:
+        if self._outbox:
+            self._drain_outbox()
+            if self._outbox:
+                return  # still waiting for the user's side; stay paused
+            self._front.set_write_buffer_limits()  # type: ignore[union-attr]
+        self._resume("channel")
+
+    def transport_paused(self, paused: bool) -> None:
+        """The user's TCP connection stopped (or resumed) taking data: every channel on it waits."""
+        if paused:
+            self._pause("transport")
+        else:
+            self._resume("transport")
+
+    def _pause(self, why: str) -> None:
+        self._pauses.add(why)
+        self._up_paused = True
+        if self._up is not None:
+            self._up.pause_reading()
+
+    def _resume(self, why: str) -> None:
+        self._pauses.discard(why)
+        if self._pauses:
+            return
         self._up_paused = False
         if self._up is not None:
             self._up.resume_reading()
@@ -164,53 +212,122 @@ class SessionRelay(asyncssh.SSHServerSession):
             return True
         return False
 
+    def close_received(self) -> None:
+        """The user's CLOSE arrived: this session no longer counts against limits.max_sessions
+        (sshd frees it at once too; a client may open the next one in the same packet chunk)."""
+        self._owner.session_closed(self)
+
+    def peer_closed(self) -> None:
+        """The user closed the channel first: close the machine's side, then pass on what it
+        still sends (its exit status) before our CLOSE, as sshd does; data no longer goes."""
+        self._peer_closed = True
+        self._outbox = [m for m in self._outbox if m[0] != "data"]
+        if self._up is not None:
+            self._up.close()
+        else:
+            self._front.close()  # type: ignore[union-attr]
+        if self._outbox:
+            self._drain_outbox()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._owner.sessions.discard(self)
-        if self._task is not None and not self._task.done():
+        self._outbox.clear()
+        self._held.clear()
+        if self._task is not None:
             self._task.cancel()
         if self._up is not None:
             self._up.close()
-        self._owner.count_bytes("relay", self._bytes)
+        self._owner.session_ended(self)
 
-    # -- machine side (called by _UpstreamSession) ----------------------------------------
+    # -- machine side, in the order the machine sent it ------------------------------------
 
-    def _upstream_data(self, data: bytes, datatype) -> None:
-        self._bytes.down += len(data)
-        self._front.write(data, datatype)  # type: ignore[union-attr]
-
-    def _upstream_closed(self) -> None:
-        front = self._front
-        if front is None or self._closed:
+    def to_user_data(self, data: bytes, datatype) -> None:
+        self.bytes.down += len(data)
+        if self._closed or self._peer_closed:
             return
-        if self._exit is None:
-            front.close()
-        elif self._exit[0] == "status":
-            front.exit(self._exit[1])
+        if self._outbox:
+            self._outbox.append(("data", data, datatype))
         else:
-            front.exit_with_signal(*self._exit[1:])
+            self._front.write(data, datatype)  # type: ignore[union-attr]
+        if self._held and not internals.has_unread_data(self._up):  # type: ignore[arg-type]
+            held, self._held = self._held, []
+            for message in held:
+                self._to_user_control(message)
+
+    def to_user_control(self, message: tuple) -> None:
+        """exit / signal / eof / close from the machine's channel."""
+        if self._closed:
+            return
+        if self._held or (self._up is not None and self._up_paused and internals.has_unread_data(self._up)):
+            self._held.append(message)  # data the machine sent before it is still in asyncssh's buffer
+            return
+        self._to_user_control(message)
+
+    def _to_user_control(self, message: tuple) -> None:
+        front = self._front
+        assert front is not None
+        if self._outbox or front.get_write_buffer_size():
+            self._outbox.append(message)
+            # Be told (resume_writing) when the user's side has sent everything before it.
+            front.set_write_buffer_limits(high=0, low=0)
+        else:
+            self._send_control(message)
+
+    def _drain_outbox(self) -> None:
+        front = self._front
+        assert front is not None
+        while self._outbox:
+            message = self._outbox[0]
+            if message[0] == "data":
+                front.write(message[1], message[2])
+            elif front.get_write_buffer_size():
+                return
+            else:
+                self._send_control(message)
+            self._outbox.pop(0)
+
+    def _send_control(self, message: tuple) -> None:
+        front = self._front
+        assert front is not None
+        kind = message[0]
+        if kind == "exit":
+            self._exited = True
+            internals.send_exit_status(front, message[1])
+        elif kind == "signal":
+            self._exited = True
+            internals.send_exit_signal(front, *message[1:])
+        elif kind == "eof":
+            front.write_eof()
+        else:  # close
+            lost = message[1]
+            if not self._exited and lost is not None:
+                # The machine went away under the session: say why, like sshd's clients expect
+                # a reason on stderr, and exit non-zero.
+                front.write_stderr(("\r\n" + self._owner.ended_reason() + "\r\n").encode())
+                internals.send_exit_status(front, EXIT_LOST)
+            front.close()
 
 
-class _UpstreamSession(asyncssh.SSHClientSession):
+class UpstreamSession(asyncssh.SSHClientSession):
+    """The machine's session channel: hands each message to the relay, in arrival order."""
+
     __slots__ = ("_relay",)
 
     def __init__(self, relay: SessionRelay):
         self._relay = relay
 
     def data_received(self, data: bytes, datatype) -> None:
-        self._relay._upstream_data(data, datatype)
+        self._relay.to_user_data(data, datatype)
 
     def eof_received(self) -> bool:
-        front = self._relay._front
-        if front is not None and not self._relay._closed:
-            front.write_eof()
+        self._relay.to_user_control(("eof",))
         return True
 
     def exit_status_received(self, status: int) -> None:
-        self._relay._exit = ("status", status)
+        self._relay.to_user_control(("exit", status))
 
     def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self._relay._exit = ("signal", signal, core_dumped, msg, lang)
+        self._relay.to_user_control(("signal", signal, core_dumped, msg, lang))
 
     def pause_writing(self) -> None:
         if self._relay._front is not None:
@@ -221,93 +338,4 @@ class _UpstreamSession(asyncssh.SSHClientSession):
             self._relay._front.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._relay._upstream_closed()
-
-
-class Pipe:
-    """Two byte-stream ends spliced together: SSH TCP channels or asyncio transports.
-
-    Both expose write/write_eof/pause_reading/resume_reading/close, so one class serves
-    -L (user channel ↔ upstream channel), -R (upstream channel ↔ user channel) and jump
-    mode (user channel ↔ TCP socket to the machine's SSH port).
-    """
-
-    def __init__(self, mode: str, on_done: Callable[["Pipe"], None]):
-        self.mode = mode
-        self.bytes = _Bytes()
-        self.user = _Half(self, "up")       # data arriving from the user goes up
-        self.machine = _Half(self, "down")  # data arriving from the machine goes down
-        self.user.peer, self.machine.peer = self.machine, self.user
-        self._on_done = on_done
-        self._lost = 0
-
-    def _made(self) -> None:
-        if self.user.end is not None and self.machine.end is not None:
-            self.user.end.resume_reading()
-            self.machine.end.resume_reading()
-
-    def _half_lost(self, half: "_Half") -> None:
-        self._lost += 1
-        other = half.peer
-        if other.end is not None and not other.closed:
-            other.closed = True
-            other.end.close()
-        if self._lost == 1:
-            self._on_done(self)
-
-    def abort(self) -> None:
-        for half in (self.user, self.machine):
-            if half.end is not None and not half.closed:
-                half.closed = True
-                half.end.close()
-
-
-class _Half(asyncssh.SSHTCPSession, asyncio.Protocol):
-    def __init__(self, pipe: Pipe, direction: str):
-        self.pipe = pipe
-        self.direction = direction
-        self.end: Any = None
-        self.peer: "_Half" = self
-        self.closed = False
-        self.eof = False
-
-    def connection_made(self, end: Any) -> None:
-        self.end = end
-        end.pause_reading()
-        self.pipe._made()
-
-    def data_received(self, data: bytes, datatype=None) -> None:
-        if self.direction == "up":
-            self.pipe.bytes.up += len(data)
-        else:
-            self.pipe.bytes.down += len(data)
-        self.peer.end.write(data)
-
-    def eof_received(self) -> bool:
-        """Pass the half-close on; once both directions have ended, close both ends
-        (neither an SSH channel nor a socket closes itself after a two-way EOF)."""
-        self.eof = True
-        peer_end = self.peer.end
-        if peer_end is not None and not self.peer.closed:
-            try:
-                peer_end.write_eof()
-            except (OSError, RuntimeError):
-                pass
-        if self.peer.eof:
-            for half in (self, self.peer):
-                if half.end is not None and not half.closed:
-                    half.closed = True
-                    half.end.close()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.peer.end is not None:
-            self.peer.end.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer.end is not None:
-            self.peer.end.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.pipe._half_lost(self)
+        self._relay.to_user_control(("close", exc))

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncssh
 
-from ..backends.base import Address
+from .. import transport
+from ..backends.base import TCP, Address
+from ..errors import UpstreamError
 from ..config import UPSTREAM_CIPHERS, GatewayConfig, MachineConfig
+from . import bridge
 from .certs import CertPolicy, sign_session_key
 
 CONNECT_TIMEOUT = 15.0
-
-
-class UpstreamError(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 def _known_hosts(mc: MachineConfig):
@@ -47,9 +43,21 @@ async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: G
     """Open the upstream connection or raise UpstreamError with a sentence for the user.
 
     With a password (opt-in password passthrough) it is the only credential offered."""
+    sock = None
+    host = address.host
+    if address.kind != TCP:
+        # VSOCK, or TCP inside a machine's network namespace: asyncssh takes an already
+        # connected socket; host then only names the machine for known_hosts lookups, so a
+        # known_hosts file lists such a machine by its name.
+        host = mc.name
+        try:
+            sock = await bridge.run_trio(transport.open_stream, address, CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise UpstreamError("upstream_error", f"fleetgate: cannot reach {mc.name} at {address}: "
+                                                  f"{exc.strerror or exc}") from None
     try:
         return await asyncssh.connect(
-            address.host, address.port,
+            host, address.port, sock=sock,
             username=upstream_user,
             client_keys=None if password is not None else _client_keys(mc, upstream_user, login, ca),
             password=password,

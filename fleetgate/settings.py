@@ -1,0 +1,132 @@
+"""The typed, frozen shapes of a loaded config: a leaf module every part may import.
+
+Why apart from config.py: config.py parses and validates, which needs the backends'
+option checks; the backends in turn need these shapes. With the shapes here, neither
+imports the other's importer (no import cycle), and config.py re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    listen: tuple[HostPort, ...]
+    host_keys: tuple[Path, ...]
+    upstream_key: Path | None
+    state_dir: Path
+    login_grace: float = 30.0
+    keepalive_interval: float = 30.0
+    ciphers: tuple[str, ...] = ()  # empty: OpenSSH's list, steered to the cheapest the client has
+    macs: tuple[str, ...] = ()     # empty: OpenSSH's list
+    kex_algorithms: tuple[str, ...] = ()  # empty: OpenSSH's list (what asyncssh can do of it)
+    kexinit_wait: float = 0.5      # wait this long for the client's KEXINIT before sending ours
+    relay_tuning: bool = True
+    window: int = 8 * 1024 * 1024
+    max_packet: int = 256 * 1024
+    forwarding: str = "local"
+    admin_socket: Path | None = None
+    reconcile_interval: float = 30.0
+    upstream_ca_key: Path | None = None
+    drain_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort | None
+
+
+@dataclass(frozen=True)
+class UserConfig:
+    name: str
+    authorized_keys: tuple[str, ...]
+    machines: tuple[str, ...]
+
+    @property
+    def default_machine(self) -> str:
+        return self.machines[0]
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    type: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    name: str
+    backend: str
+    user: str | None
+    address: HostPort | None
+    host_keys: tuple[str, ...]
+    known_hosts: Path | None
+    identity: Path | None
+    boot_timeout: float
+    options: Mapping[str, Any]
+    idle_timeout: float = 900.0
+    min_uptime: float = 60.0
+    stop_timeout: float = 60.0
+    warm: tuple[Any, ...] = ()
+    passthrough_listen: HostPort | None = None
+    upstream_auth: str = "key"
+    cert_validity: float = 300.0
+    cert_source_address: tuple[str, ...] = ()
+    host_ca_keys: tuple[str, ...] = ()
+    password_passthrough: bool = False
+
+
+@dataclass(frozen=True)
+class PassthroughConfig:
+    """The opt-in raw TCP passthrough wakes before authentication, hence a per-source rate limit."""
+
+    per_source_per_minute: int = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    base_dir: Path
+    gateway: GatewayConfig
+    metrics: MetricsConfig
+    users: Mapping[str, UserConfig]
+    user_ca_keys: tuple[str, ...]
+    backends: Mapping[str, BackendConfig]
+    machines: Mapping[str, MachineConfig]
+    passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
+    audit_file: Path | str | None = None
+    limits: Any = None  # fleetgate.ssh.limits.LimitsConfig
+    store: Any = None  # fleetgate.store.StoreConfig; None: the in-process store
+
+
+def parse_host_port(value: str, default_host: str = "0.0.0.0") -> HostPort | None:
+    """Parse 'host:port', '[v6]:port' or ':port'/'port'."""
+    value = value.strip()
+    host, port_s = default_host, value
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0 or not value[end + 1:].startswith(":"):
+            return None
+        host, port_s = value[1:end], value[end + 2:]
+    elif ":" in value:
+        host, _, port_s = value.rpartition(":")
+        host = host or default_host
+    if not port_s.isdigit():
+        return None
+    port = int(port_s)
+    if not 0 <= port < 65536:
+        return None
+    return HostPort(host, port)

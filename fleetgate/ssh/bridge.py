@@ -1,0 +1,130 @@
+"""The one module that knows trio-asyncio: where trio code and asyncio code meet.
+
+fleetgate is a trio program; asyncssh is asyncio. Everything outside fleetgate/ssh/ is
+plain trio, and inside it the asyncio side reaches trio only through this module, so
+each crossing is visible and every asyncio task has an owner:
+
+- `open_loop(on_error)`: the asyncio loop hosted inside trio.run (entered once, by the App).
+  trio-asyncio's own exception handler re-raises every error asyncio reports into the
+  nursery, i.e. ends the process; asyncio reports, and survives, per-connection errors
+  (an `accept()` that failed with EMFILE: it pauses that listener for a second and goes
+  on). Ours logs them (rate-limited), counts them through `on_error(kind)` and never
+  raises: running out of descriptors refuses connections, it never ends the gateway;
+- `run_aio(fn, *args)`: await an asyncio coroutine function from trio;
+- `run_trio(fn, *args)`: await a trio function from asyncio;
+- `call_trio_sync(fn, *args)`: call a synchronous trio-side function (one that never
+  awaits, such as Lease.release) from an asyncio callback. Both loops run in one thread,
+  so this is a plain call; the name marks the crossing for readers and reviews;
+- `AsyncioTasks`: the supervisor of asyncio tasks (a relay opening its upstream
+  channel, the grace sweeper): each is tracked, its failure is logged rather than lost,
+  and `cancel_all()` ends them at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import trio_asyncio
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LOOP_ERROR_LOG_EVERY = 10.0
+CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+def loop_error_kind(context: dict) -> str:
+    """A bounded label for an error asyncio reported: accept_descriptors, accept or other."""
+    exc = context.get("exception")
+    if "accept" in str(context.get("message", "")):
+        if isinstance(exc, OSError) and exc.errno in CAPACITY_ERRNOS:
+            return "accept_descriptors"
+        return "accept"
+    return "other"
+
+
+class LoopErrors:
+    """The asyncio loop's exception handler: log (at most once per kind per 10 s), count, never raise."""
+
+    def __init__(self, on_error: Callable[[str], None] | None = None):
+        self.on_error = on_error
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, loop: Any, context: dict) -> None:
+        kind = loop_error_kind(context)
+        if self.on_error is not None:
+            try:
+                self.on_error(kind)
+            except Exception:  # counting must never be what ends the process
+                log.exception("loop error callback failed")
+        now = time.monotonic()
+        if now - self._last.get(kind, -LOOP_ERROR_LOG_EVERY) < LOOP_ERROR_LOG_EVERY:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        exc = context.get("exception")
+        more = self._suppressed.pop(kind, 0)
+        if kind == "accept_descriptors":
+            log.error("accept failed: out of file descriptors (connections are refused until some close; "
+                      "the gateway keeps serving) error=%s suppressed=%d", exc, more)
+        else:
+            log.error("asyncio error kind=%s message=%s error=%r suppressed=%d", kind,
+                      context.get("message", ""), exc, more, exc_info=exc if kind == "other" else None)
+
+
+@asynccontextmanager
+async def open_loop(on_error: Callable[[str], None] | None = None) -> AsyncIterator[Any]:
+    """The asyncio loop inside trio, with an exception handler that never ends the process."""
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(LoopErrors(on_error))
+        yield loop
+
+
+async def run_aio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """From trio: run an asyncio coroutine function to completion."""
+    return await trio_asyncio.aio_as_trio(fn)(*args)
+
+
+async def run_trio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """From asyncio: run a trio function to completion (cancelling the asyncio side cancels it)."""
+    return await trio_asyncio.trio_as_aio(fn)(*args)
+
+
+def call_trio_sync(fn: Callable[..., T], *args: Any) -> T:
+    """From an asyncio callback: call a trio-side function that never awaits."""
+    return fn(*args)
+
+
+class AsyncioTasks:
+    """Owns the asyncio tasks fleetgate starts; nothing runs unsupervised."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro_fn: Callable[[], Awaitable[Any]]) -> asyncio.Task:
+        task = asyncio.ensure_future(coro_fn())
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("asyncio task failed owner=%s error=%s: %s", self.name, type(exc).__name__, exc,
+                      exc_info=exc)
+
+    def cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def __len__(self) -> int:
+        return len(self._tasks)

@@ -1,0 +1,105 @@
+"""What every connection to the SSH front shares: config, keys, limits, fleet, metrics.
+
+A reload (SIGHUP) calls apply(): new connections see the new users, keys and limits;
+live connections keep what they already hold. The listeners that create connections
+live in server.py; connections (front.py) see only this object.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import asyncssh
+import trio
+
+from ..audit import AuditLog
+from ..config import Config
+from ..metrics import Metrics
+from ..passthrough import RateLimiter
+from ..routing import Router
+from .bridge import AsyncioTasks
+from .grace import GraceClock
+from .limits import LimitsConfig, PreauthLimiter
+
+if TYPE_CHECKING:
+    from ..fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """What the context needs of a live connection (FrontConnection implements it)."""
+
+    def notify(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class FrontContext:
+    def __init__(self, config: Config, fleet: "Fleet", router: Router, metrics: Metrics,
+                 audit: AuditLog | None = None):
+        self.config = config
+        self.audit = audit or AuditLog(None, metrics)
+        self.fleet = fleet
+        self.router = router
+        self.metrics = metrics
+        self.tasks = AsyncioTasks("ssh-front")
+        self.connections: set = set()
+        self.user_connections: dict[str, int] = {}  # per-user connection slots (limits.max_connections_per_user)
+        self.connections_changed = trio.Event()
+        self.no_keys: frozenset[bytes] = frozenset()
+        self.limiter = PreauthLimiter(config.limits or LimitsConfig(),
+                                      count=lambda reason: metrics.preauth_refusals.labels(reason).inc())
+        self.grace = GraceClock(config.gateway.login_grace)
+        self._password_limits: tuple[int, int] | None = None
+        self.apply(config, router)
+
+    def apply(self, config: Config, router: Router) -> None:
+        """Take a (re)loaded config for new connections; live connections keep what they have.
+
+        All or nothing: everything that can fail (parsing keys, reading the CA key) happens
+        in prepare(), which changes nothing; commit() only assigns."""
+        self.commit(self.prepare(config, router))
+
+    def prepare(self, config: Config, router: Router) -> dict:
+        """Build what a config needs, without touching the live state; raises on a bad key file."""
+        ca = config.gateway.upstream_ca_key
+        limits = config.limits or LimitsConfig()
+        return {
+            "config": config, "router": router, "limits": limits,
+            "user_keys": {name: frozenset(asyncssh.import_public_key(k).public_data for k in u.authorized_keys)
+                          for name, u in config.users.items()},
+            "ca_keys": frozenset(asyncssh.import_public_key(k).public_data for k in config.user_ca_keys),
+            "upstream_ca": asyncssh.read_private_key(str(ca)) if ca is not None else None,
+        }
+
+    def commit(self, new: dict) -> None:
+        """Swap in what prepare() built; nothing here raises."""
+        config, limits = new["config"], new["limits"]
+        self.config = config
+        self.router = new["router"]
+        self.grace.grace = config.gateway.login_grace
+        self.user_keys = new["user_keys"]
+        self.ca_keys = new["ca_keys"]
+        self.upstream_ca = new["upstream_ca"]
+        if limits != self.limiter.config:
+            self.limiter = PreauthLimiter(limits, count=self.limiter.count)
+        self.password_machines = any(m.password_passthrough for m in config.machines.values())
+        wanted = (limits.password_per_source_per_minute, limits.password_per_user_per_minute)
+        if self._password_limits != wanted:
+            self._password_limits = wanted
+            self.password_sources = RateLimiter(limits.password_per_source_per_minute)
+            self.password_users = RateLimiter(limits.password_per_user_per_minute)
+
+    def add_connection(self, c: Connection) -> None:
+        self.connections.add(c)
+
+    def remove_connection(self, c: Connection) -> None:
+        self.connections.discard(c)
+        self.connections_changed.set()
+        self.connections_changed = trio.Event()
+
+    def notify_all(self, text: str) -> None:
+        """A line on the stderr of every open session (and a banner to anyone still logging in)."""
+        for c in list(self.connections):
+            c.notify(text)

@@ -1,0 +1,185 @@
+"""TCP channels: jumps to machines (`-J`/`-W machine:22`), `-L` and `-R`.
+
+The gateway never connects to an address a user picks: a jump goes to a machine's SSH
+port (by machine name, so `ssh -J gw alice@box2` stays end to end encrypted), and `-L`
+is opened by the machine's own sshd (policy `local`: only to its loopback), so the
+machine's sshd decides what its user may reach, as it would without the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+import asyncssh
+
+from .. import transport
+from ..errors import WakeError
+from . import bridge, internals
+from .pipe import Pipe
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
+
+
+class Owner(Protocol):
+    """The front connection a channel belongs to (FrontConnection)."""
+
+    ctx: Any
+    conn: Any
+    upstream: Any
+    target: Any
+    lease: Any
+    holds: set
+    pipes: set
+    jump_only: bool
+    closed: bool
+    write_paused: bool
+    peer: str
+    machine: str
+    window: int
+    max_packet: int
+
+    def hold(self) -> None: ...
+    def admit_channel(self, kind: str) -> None: ...
+    def audit(self, event: str, **fields: Any) -> None: ...
+    def count_bytes(self, mode: str, counted: Any) -> None: ...
+
+
+def _add(owner: Owner, pipe: Pipe) -> Pipe:
+    owner.pipes.add(pipe)
+    if owner.write_paused:
+        pipe.transport_paused(True)
+    return pipe
+
+
+def _new_pipe(owner: Owner, mode: str) -> Pipe:
+    def done(pipe: Pipe) -> None:
+        owner.pipes.discard(pipe)
+        owner.count_bytes(mode, pipe.bytes)
+
+    return _add(owner, Pipe(mode, done))
+
+
+def direct_tcpip(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+    """A direct-tcpip request: a jump when `dest_host` names a machine, else an `-L` forward."""
+    ctx = owner.ctx
+    user = owner.target.user
+    owner.admit_channel("jump" if dest_host in ctx.config.machines else "forward")
+    if dest_host in ctx.config.machines:
+        if dest_port != 22 or not ctx.router.may_reach(user, dest_host):
+            log.info("jump refused user=%s dest=%s:%s", user, dest_host, dest_port)
+            ctx.metrics.channels.labels("jump", "refused").inc()
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            f"fleetgate: {user} may not jump to {dest_host}:{dest_port}")
+        return _jump(owner, dest_host)
+    policy = ctx.config.gateway.forwarding
+    if policy == "none" or (policy == "local" and dest_host.lower() not in LOOPBACK_NAMES):
+        ctx.metrics.channels.labels("forward", "refused").inc()
+        log.info("forward refused user=%s dest=%s:%s policy=%s", user, dest_host, dest_port, policy)
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+            f"fleetgate: forwarding to {dest_host}:{dest_port} is not allowed; jump targets are machine names")
+    owner.hold()
+    return _local_forward(owner, dest_host, dest_port, orig_host, orig_port)
+
+
+async def _jump(owner: Owner, machine: str) -> Any:
+    """Splice the channel to the machine's SSH port: the inner session stays end to end."""
+    ctx = owner.ctx
+    if owner.jump_only and owner.lease is not None:
+        # A pure jump connection should not keep the login's default machine awake.
+        bridge.call_trio_sync(owner.lease.release)
+        owner.lease = None
+    try:
+        lease = await bridge.run_trio(ctx.fleet.acquire, machine, None)
+    except WakeError as exc:
+        ctx.metrics.channels.labels("jump", "wake_failed").inc()
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, exc.message) from None
+    address = ctx.fleet.machines[machine].address
+    assert address is not None
+    t0 = time.monotonic()
+
+    def done(p: Pipe) -> None:
+        owner.pipes.discard(p)
+        owner.count_bytes("jump", p.bytes)
+        owner.holds.discard(lease)
+        bridge.call_trio_sync(lease.release)
+        owner.audit("session_end", mode="jump", machine=machine, bytes_up=p.bytes.up, bytes_down=p.bytes.down,
+                    seconds=round(time.monotonic() - t0, 3), result="closed")
+
+    pipe = _add(owner, Pipe("jump", done))
+    try:
+        sock = await bridge.run_trio(transport.open_stream, address)  # TCP or VSOCK, bounded
+        await asyncio.get_running_loop().create_connection(lambda: pipe.machine, sock=sock)
+    except OSError as exc:
+        bridge.call_trio_sync(lease.release)
+        owner.pipes.discard(pipe)
+        ctx.metrics.channels.labels("jump", "connect_failed").inc()
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED,
+                                        f"fleetgate: cannot reach {machine}: {exc.strerror}") from None
+    if owner.closed:
+        pipe.on_done = lambda p: None
+        bridge.call_trio_sync(lease.release)
+        pipe.abort()
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "connection closed")
+    owner.holds.add(lease)
+    owner.audit("session_start", mode="jump", machine=machine)
+    ctx.metrics.channels.labels("jump", "ok").inc()
+    log.info("jump user=%s machine=%s peer=%s", owner.target.user if owner.target else "?", machine, owner.peer)
+    return pipe.user
+
+
+async def _local_forward(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+    """-L: open the same direct-tcpip on the machine, so its sshd decides and connects."""
+    ctx = owner.ctx
+    pipe = _new_pipe(owner, "forward")
+    try:
+        await owner.upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
+                                               window=owner.window, max_pktsize=owner.max_packet)
+    except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+        owner.pipes.discard(pipe)
+        ctx.metrics.channels.labels("forward", "refused").inc()
+        reason = getattr(exc, "reason", str(exc))
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, f"{owner.machine}: {reason}") from None
+    ctx.metrics.channels.labels("forward", "ok").inc()
+    return pipe.user
+
+
+def remote_forward(owner: Owner, listen_host: str, listen_port: int) -> Any:
+    """-R: ask the machine to listen; its connections come back to the user as forwarded-tcpip."""
+    if owner.ctx.config.gateway.forwarding == "none":
+        return False
+    owner.hold()
+    return _remote_forward(owner, listen_host, listen_port)
+
+
+async def _remote_forward(owner: Owner, listen_host: str, listen_port: int) -> Any:
+    assert owner.upstream is not None and owner.conn is not None
+    actual: dict[str, int] = {}
+
+    async def on_connection(orig_host: str, orig_port: int) -> Any:
+        owner.admit_channel("remote_forward")
+        pipe = _new_pipe(owner, "forward")
+        try:
+            await owner.conn.create_connection(lambda: pipe.user, listen_host, actual.get("port", listen_port),
+                                               orig_host, orig_port,
+                                               window=owner.window, max_pktsize=owner.max_packet)
+        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+            owner.pipes.discard(pipe)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+        return pipe.machine
+
+    try:
+        listener = await internals.create_remote_listener(owner.upstream, on_connection, listen_host, listen_port,
+                                                          owner.window, owner.max_packet)
+    except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
+        log.info("remote forward refused machine=%s listen=%s:%s error=%s", owner.machine, listen_host,
+                 listen_port, exc)
+        return False
+    actual["port"] = listener.get_port() or listen_port
+    owner.ctx.metrics.channels.labels("remote_forward", "ok").inc()
+    return listener
