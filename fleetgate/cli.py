@@ -13,9 +13,13 @@ from . import __version__
 from .config import ConfigError, load
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .logfmt import formatter
+
+    # Field values are quoted (or JSON): a client-chosen login name cannot forge fields.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(fmt))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # asyncssh logs every channel request at INFO; its warnings are what operators need.
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
@@ -43,29 +47,99 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     print(f"{args.config}: ok ({len(config.users)} users, {len(config.machines)} machines, "
           f"{len(config.backends)} backends)")
+    from . import fdlimit
+
+    if config.limits is not None:  # descriptors: a flood must reach a limit before accept() fails
+        for warning in fdlimit.check(config.limits.max_unauthenticated, fdlimit.default_http_connections()):
+            print(f"warning: {warning}", file=sys.stderr)
+    if getattr(args, "connect", False):
+        return _check_store(config)
     return 0
 
 
+def _check_store(config) -> int:
+    """`fleetgate check --connect`: reach every etcd endpoint, then write, delete and lease under the prefix."""
+    import dataclasses
+    import os
+
+    sc = config.store
+    if sc is None or sc.type != "etcd":
+        print("store: in-process (no [store] section); nothing to connect to")
+        return 0
+    from .store.base import StoreUnavailable
+    from .store.client import Delete, EtcdClient, Put
+
+    async def probe() -> int:
+        failed = 0
+        for endpoint in sc.endpoints:
+            one = EtcdClient.from_config(dataclasses.replace(sc, endpoints=(endpoint,)))
+            try:
+                rev, _ = await one.range(sc.prefix)
+                print(f"store: {endpoint} ok (revision {rev})")
+            except StoreUnavailable as exc:
+                failed += 1
+                print(f"warning: store: {endpoint} does not answer: {exc}", file=sys.stderr)
+            finally:
+                await one.aclose()
+        client = EtcdClient.from_config(sc)
+        key = f"{sc.prefix.rstrip('/')}/check/{os.getpid()}"
+        try:
+            await client.txn([], [Put(key, b"fleetgate check")])
+            await client.txn([], [Delete(key)])
+            await client.lease_revoke(await client.lease_grant(sc.lease_ttl))
+        except StoreUnavailable as exc:
+            print(f"error: store: cannot write to etcd under {sc.prefix}: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.aclose()
+        print(f"store: etcd ok (write, delete and lease under {sc.prefix}; "
+              f"{len(sc.endpoints) - failed} of {len(sc.endpoints)} endpoints answer)")
+        return 0
+
+    return trio.run(probe)
+
+
+def _start_failure(exc: BaseException) -> str | None:
+    """One line for an error that stops the gateway from starting (None: a bug, let it raise)."""
+    import asyncssh
+
+    leaves = [exc]
+    while leaves and isinstance(leaves[0], BaseExceptionGroup):
+        leaves = list(leaves[0].exceptions) + leaves[1:]
+    for leaf in leaves:
+        if isinstance(leaf, (OSError, ConfigError, asyncssh.KeyImportError, ValueError)):
+            return f"{type(leaf).__name__}: {leaf}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     try:
         config = load(args.config)
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"error: {issue}", file=sys.stderr)
         return 1
-    trio.run(_run_app, config, False)
+    try:
+        trio.run(_run_app, config, False)
+    except BaseException as exc:  # bad config or environment at start: one line, the traceback at debug level
+        line = _start_failure(exc)
+        if line is None:
+            raise
+        logging.getLogger("fleetgate.cli").debug("start failed", exc_info=exc)
+        print(f"error: fleetgate cannot start with {args.config}: {line}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     state_dir = Path(args.state_dir) if args.state_dir else demo.default_state_dir()
     metrics_port = None if args.metrics_port == 0 else args.metrics_port
     cfg_path = demo.prepare(state_dir, args.port, metrics_port, boot_delay=args.boot_delay,
-                            idle_timeout=args.idle_timeout, min_uptime=args.min_uptime)
+                            idle_timeout=args.idle_timeout, min_uptime=args.min_uptime, isolation=args.isolation)
     try:
         config = load(cfg_path)
     except ConfigError as exc:
@@ -79,19 +153,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '2h', '1d' → seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    factor = units.get(text[-1:], None)
-    number = text[:-1] if factor else text
+def parse_duration(text: str, allow_zero: bool = False) -> float:
+    """'90', '90s', '15m', '2h', '1d' → seconds (the same forms as durations in the config)."""
+    from .config import duration_seconds
+
     try:
-        value = float(number) * (factor or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a duration like 90s, 15m, 2h or 1d") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("a duration must be positive")
+        value = duration_seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise argparse.ArgumentTypeError("a duration must be positive" if not allow_zero else
+                                         "a duration must be 0 or more")
     return value
+
+
+def parse_duration_or_zero(text: str) -> float:
+    return parse_duration(text, allow_zero=True)
 
 
 def _admin(args: argparse.Namespace, method: str, path: str, params: dict | None = None) -> int:
@@ -124,6 +201,11 @@ def _admin(args: argparse.Namespace, method: str, path: str, params: dict | None
         for m in body:
             print(f"{m['machine']:16} {m['state']:9} {m['sessions']:>8} {m['idle_seconds']:>7.0f}s "
                   f"{m['keep_awake_seconds']:>9.0f}s  {m['backend']}")
+        if body and "replica" in body[0]:
+            holds = {r for m in body for r in m.get("holds", {})}
+            print(f"(fleet-wide via etcd; answered by replica {body[0]['replica']}"
+                  f"{'' if body[0]['store_healthy'] else ', STORE UNAVAILABLE: local view only'}; "
+                  f"replicas holding sessions: {', '.join(sorted(holds)) or 'none'})")
     else:
         print(json.dumps(body, indent=1))
     return 0
@@ -160,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetgate", description=__doc__)
     p.add_argument("--version", action="version", version=f"fleetgate {__version__}")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: key=value lines, values quoted; json: one object per line")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the gateway")
@@ -168,15 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="validate a config file and list every problem")
     c.add_argument("-c", "--config", required=True)
+    c.add_argument("--connect", action="store_true", help="also reach the shared store ([store]) and test it")
     c.set_defaults(func=cmd_check)
 
     d = sub.add_parser("demo", help="run the gateway on a demo fleet of local sshds")
     d.add_argument("--port", type=int, default=2222)
     d.add_argument("--metrics-port", type=int, default=9180, help="0 disables the metrics listener")
     d.add_argument("--state-dir", help="where keys and config are written (default: ~/.local/state/fleetgate/demo)")
-    d.add_argument("--boot-delay", type=float, default=0.0, help="seconds added to each machine's start")
-    d.add_argument("--idle-timeout", type=float, default=None, help="seconds without sessions before a stop")
-    d.add_argument("--min-uptime", type=float, default=None, help="seconds a machine stays up at least")
+    d.add_argument("--boot-delay", type=parse_duration_or_zero, default=0.0,
+                   help="added to each machine's start (90, 90s, 15m, 2h)")
+    d.add_argument("--idle-timeout", type=parse_duration, default=None,
+                   help="without sessions before a stop (90, 90s, 15m, 2h)")
+    d.add_argument("--min-uptime", type=parse_duration_or_zero, default=None,
+                   help="a machine stays up at least this long (90, 90s, 15m, 2h)")
+    d.add_argument("--isolation", choices=("auto", "namespaces", "none"), default="auto",
+                   help="process machines in their own namespaces and accounts (needs root); auto: where possible")
     d.set_defaults(func=cmd_demo)
 
     def admin_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -7,7 +7,10 @@ config never starts a half-configured gateway.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,17 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from .schedule import ScheduleError, parse_rule
+from .settings import (
+    HostPort,
+    GatewayConfig,
+    MetricsConfig,
+    UserConfig,
+    BackendConfig,
+    MachineConfig,
+    PassthroughConfig,
+    Config,
+    parse_host_port,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +38,34 @@ else:  # pragma: no cover
 USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 MACHINE_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")
 TARGET_SEPARATOR = "+"
+
+# Keys holding a duration: a number of seconds or "90s", "15m", "2h", "1d" (as `fleetgate
+# keep-awake` takes them, and as operators write them for Prometheus and systemd), with the
+# largest value that makes sense (a typo like "2000d" or TOML's `inf` is an error, not forever;
+# math.inf: the key has its own range check).
+DAY = 86400.0
+DURATION_MAX = {
+    "login_grace": 3600.0, "keepalive_interval": 3600.0, "kexinit_wait": math.inf, "reconcile_interval": DAY,
+    "drain_timeout": DAY, "boot_timeout": DAY, "idle_timeout": 365 * DAY, "min_uptime": 365 * DAY,
+    "stop_timeout": DAY, "cert_validity": math.inf, "penalty_window": 30 * DAY, "penalty_duration": 30 * DAY,
+}
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([smhd]?)\s*$")
+
+
+def duration_seconds(value: Any) -> float:
+    """Seconds from 90, 90.5, "90", "90s", "15m", "2h" or "1d"; ValueError (a sentence) otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 90, \"90s\", \"15m\" or \"2h\", got a boolean")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value.lower())):
+        seconds = float(m.group(1)) * _UNITS.get(m.group(2) or "s", 1.0)
+    else:
+        raise ValueError(f"{value!r} is not a duration such as 90, \"90s\", \"15m\", \"2h\" or \"1d\"")
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration, got {value!r}")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -46,102 +88,6 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    listen: tuple[HostPort, ...]
-    host_keys: tuple[Path, ...]
-    upstream_key: Path | None
-    state_dir: Path
-    login_grace: float = 30.0
-    keepalive_interval: float = 30.0
-    ciphers: tuple[str, ...] = ()
-    relay_tuning: bool = True
-    window: int = 8 * 1024 * 1024
-    max_packet: int = 256 * 1024
-    forwarding: str = "local"
-    admin_socket: Path | None = None
-    reconcile_interval: float = 30.0
-    upstream_ca_key: Path | None = None
-    drain_timeout: float = 60.0
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    listen: HostPort | None
-
-
-@dataclass(frozen=True)
-class UserConfig:
-    name: str
-    authorized_keys: tuple[str, ...]
-    machines: tuple[str, ...]
-
-    @property
-    def default_machine(self) -> str:
-        return self.machines[0]
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    name: str
-    type: str
-    options: Mapping[str, Any]
-
-
-@dataclass(frozen=True)
-class MachineConfig:
-    name: str
-    backend: str
-    user: str | None
-    address: HostPort | None
-    host_keys: tuple[str, ...]
-    known_hosts: Path | None
-    identity: Path | None
-    boot_timeout: float
-    options: Mapping[str, Any]
-    idle_timeout: float = 900.0
-    min_uptime: float = 60.0
-    stop_timeout: float = 60.0
-    warm: tuple[Any, ...] = ()
-    passthrough_listen: HostPort | None = None
-    upstream_auth: str = "key"
-    cert_validity: float = 300.0
-    cert_source_address: tuple[str, ...] = ()
-    host_ca_keys: tuple[str, ...] = ()
-    password_passthrough: bool = False
-
-
-@dataclass(frozen=True)
-class PassthroughConfig:
-    """The opt-in raw TCP passthrough wakes before authentication, hence a per-source rate limit."""
-
-    per_source_per_minute: int = 10
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    base_dir: Path
-    gateway: GatewayConfig
-    metrics: MetricsConfig
-    users: Mapping[str, UserConfig]
-    user_ca_keys: tuple[str, ...]
-    backends: Mapping[str, BackendConfig]
-    machines: Mapping[str, MachineConfig]
-    passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
-    audit_file: Path | str | None = None
-    limits: Any = None  # fleetgate.ssh.limits.LimitsConfig
-
-
 # Cipher names asyncssh knows; a typo here would otherwise surface as a failed handshake.
 KNOWN_CIPHERS = (
     "aes128-gcm@openssh.com",
@@ -151,13 +97,21 @@ KNOWN_CIPHERS = (
     "aes256-ctr",
     "chacha20-poly1305@openssh.com",
 )
-# What the SSH front offers. The client's preference decides, and OpenSSH prefers
-# chacha20-poly1305, then AES-CTR with an HMAC; both cost the relay 13-27 % more CPU per
-# byte than AES-GCM (docs/benchmarks.md). So the front offers AES-GCM only, which every
-# OpenSSH since 6.2 (2013) and PuTTY since 0.76 speak; widen gateway.ciphers for older clients.
-DEFAULT_CIPHERS = (
-    "aes128-gcm@openssh.com",
-    "aes256-gcm@openssh.com",
+# Empty: the front offers what OpenSSH's sshd offers, and steers each client to the
+# cheapest cipher it supports (AES-GCM), see fleetgate/ssh/algorithms.py. A list pins the
+# ciphers offered, in that order, to every client.
+DEFAULT_CIPHERS: tuple[str, ...] = ()
+# MAC and key exchange names an operator may list (gateway.macs, gateway.kex_algorithms):
+# what a default OpenSSH 9 sshd offers and asyncssh implements.
+KNOWN_MACS = (
+    "umac-64-etm@openssh.com", "umac-128-etm@openssh.com", "hmac-sha2-256-etm@openssh.com",
+    "hmac-sha2-512-etm@openssh.com", "hmac-sha1-etm@openssh.com", "umac-64@openssh.com", "umac-128@openssh.com",
+    "hmac-sha2-256", "hmac-sha2-512", "hmac-sha1",
+)
+KNOWN_KEX_ALGORITHMS = (
+    "mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256",
+    "ecdh-sha2-nistp384", "ecdh-sha2-nistp521", "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256",
 )
 # The gateway's own leg to machines: its preference decides, and machines' SSH servers
 # (dropbear builds without GCM, for one) may lack AES-GCM, so everything stays on offer.
@@ -216,8 +170,21 @@ class _Reader:
             return default
         value = doc[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and key in DURATION_MAX and isinstance(value, (str, int, float)) \
+                and not isinstance(value, bool):
+            try:
+                value = duration_seconds(value)
+            except ValueError as exc:
+                self.error(full, str(exc))
+                return default
+            if value > DURATION_MAX[key]:
+                self.error(full, f"must be at most {DURATION_MAX[key]:g} seconds, got {value:g}")
+                return default
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(full, f"must be a finite number, got {value!r}")
+            return default
         if isinstance(value, bool) and bool not in kinds:
             self.error(full, f"must be {_kind_name(kinds)}, got a boolean")
             return default
@@ -257,26 +224,6 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
              list: "a list", dict: "a table"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def parse_host_port(value: str, default_host: str = "0.0.0.0") -> HostPort | None:
-    """Parse 'host:port', '[v6]:port' or ':port'/'port'."""
-    value = value.strip()
-    host, port_s = default_host, value
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0 or not value[end + 1:].startswith(":"):
-            return None
-        host, port_s = value[1:end], value[end + 2:]
-    elif ":" in value:
-        host, _, port_s = value.rpartition(":")
-        host = host or default_host
-    if not port_s.isdigit():
-        return None
-    port = int(port_s)
-    if not 0 <= port < 65536:
-        return None
-    return HostPort(host, port)
 
 
 def _positive(value: float) -> str | None:
@@ -321,6 +268,44 @@ def _check_private_key(reader: _Reader, path: Path | None, key: str) -> None:
     except (asyncssh.KeyImportError, ValueError, OSError) as exc:
         reader.error(key, f"{path} is not an unencrypted OpenSSH private key ({exc}); "
                           f"point at the private key (not the .pub) or create one with 'fleetgate keygen PATH'")
+        return
+    _check_private_mode(reader, path, key)
+
+
+def _check_private_mode(reader: _Reader, path: Path, key: str) -> None:
+    """sshd's StrictModes: a private key others can read or write is refused, not used."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if st.st_mode & 0o077:
+        reader.error(key, f"{path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                          f"a private key must be readable only by the gateway's account: chmod 600 {path}")
+
+
+def _check_state_dir(reader: _Reader, path: Path, key: str) -> None:
+    """The state dir must be a writable directory, or creatable (`serve` creates it 0700).
+
+    Tried for real (a temporary file or directory, removed at once): permission bits say
+    nothing for root, nor on a read-only file system."""
+    import tempfile
+
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        reader.error(key, f"cannot create {path}: {p} is not a directory")
+        return
+    try:
+        if p == path:
+            with tempfile.TemporaryFile(dir=p):
+                pass
+        else:
+            os.rmdir(tempfile.mkdtemp(dir=p))
+    except OSError as exc:
+        what = f"write to {path}" if p == path else f"create {path} (in {p})"
+        reader.error(key, f"cannot {what}: {exc.strerror}; the gateway keeps its admin socket and "
+                          f"backends' state there")
 
 
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -358,13 +343,16 @@ def _existing_file(r: _Reader, t: Mapping[str, Any], key: str, prefix: str) -> P
 def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
     import ipaddress
 
+    from . import fdlimit
     from .ssh.limits import LimitsConfig
 
     t = r.table(doc, "limits", "")
     d = LimitsConfig()
     r.unknown_keys(t, {"max_unauthenticated", "per_source_startups", "max_auth_tries", "penalty_after",
                        "penalty_window", "penalty_duration", "exempt", "password_per_source_per_minute",
-                       "password_per_user_per_minute"}, "limits.")
+                       "password_per_user_per_minute", "expensive_kex_per_second",
+                       "expensive_kex_per_source_per_minute", "max_sessions", "max_channels",
+                       "max_connections_per_user"}, "limits.")
     start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
     startups = r.get(t, "per_source_startups", "limits.", str)
     if startups is not None:
@@ -384,7 +372,9 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
             r.error(f"limits.exempt[{i}]", f"'{cidr}' is not an address or network (e.g. 10.0.0.0/8)")
     positive_int = (lambda v: None if v >= 1 else f"must be 1 or more, got {v}")
     return LimitsConfig(
-        max_unauthenticated=r.get(t, "max_unauthenticated", "limits.", int, d.max_unauthenticated, check=positive_int),
+        # The default is a share of the descriptor budget (fleetgate/fdlimit.py), not a constant.
+        max_unauthenticated=r.get(t, "max_unauthenticated", "limits.", int, fdlimit.default_max_unauthenticated(),
+                                  check=positive_int),
         per_source_start=start, per_source_rate=rate, per_source_full=full,
         max_auth_tries=r.get(t, "max_auth_tries", "limits.", int, d.max_auth_tries, check=positive_int),
         penalty_after=r.get(t, "penalty_after", "limits.", int, d.penalty_after, check=positive_int),
@@ -395,6 +385,14 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                                              d.password_per_source_per_minute, check=positive_int),
         password_per_user_per_minute=r.get(t, "password_per_user_per_minute", "limits.", int,
                                            d.password_per_user_per_minute, check=positive_int),
+        expensive_kex_per_second=r.get(t, "expensive_kex_per_second", "limits.", float,
+                                       d.expensive_kex_per_second, check=_positive),
+        expensive_kex_per_source_per_minute=r.get(t, "expensive_kex_per_source_per_minute", "limits.", int,
+                                                  d.expensive_kex_per_source_per_minute, check=positive_int),
+        max_sessions=r.get(t, "max_sessions", "limits.", int, d.max_sessions, check=positive_int),
+        max_channels=r.get(t, "max_channels", "limits.", int, d.max_channels, check=positive_int),
+        max_connections_per_user=r.get(t, "max_connections_per_user", "limits.", int, d.max_connections_per_user,
+                                       check=positive_int),
     )
 
 
@@ -417,12 +415,13 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     r = _Reader(file, base_dir or Path.cwd())
     r.unknown_keys(doc, {"gateway", "metrics", "users", "user_ca", "backends", "machines", "passthrough", "audit",
-                         "limits"}, "")
+                         "limits", "store"}, "")
 
     # [gateway]
     g = r.table(doc, "gateway", "", required=True)
     r.unknown_keys(g, {"listen", "host_keys", "upstream_key", "state_dir", "login_grace",
-                       "keepalive_interval", "ciphers", "window", "max_packet", "forwarding", "relay_tuning",
+                       "keepalive_interval", "ciphers", "macs", "kex_algorithms", "kexinit_wait",
+                       "window", "max_packet", "forwarding", "relay_tuning",
                        "admin_socket", "reconcile_interval", "upstream_ca_key",
                        "drain_timeout"}, "gateway.")
     listen = []
@@ -447,10 +446,21 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         r.error("gateway.upstream_key", f"no such file {upstream_key}; create one with 'fleetgate keygen {upstream_key}'")
     _check_private_key(r, upstream_key, "gateway.upstream_key")
     state_dir = r.path(r.get(g, "state_dir", "gateway.", str)) or (r.base_dir / "state")
+    _check_state_dir(r, state_dir, "gateway.state_dir")
+    upstream_ca_key = _existing_file(r, g, "upstream_ca_key", "gateway.")
+    _check_private_key(r, upstream_ca_key, "gateway.upstream_ca_key")  # a .pub here used to fail only at SIGHUP
     ciphers = r.str_list(g, "ciphers", "gateway.") or DEFAULT_CIPHERS
     for c in ciphers:
         if c not in KNOWN_CIPHERS:
             r.error("gateway.ciphers", f"unknown cipher '{c}'; known: {', '.join(KNOWN_CIPHERS)}")
+    macs = r.str_list(g, "macs", "gateway.")
+    for m in macs:
+        if m not in KNOWN_MACS:
+            r.error("gateway.macs", f"unknown MAC '{m}'; known: {', '.join(KNOWN_MACS)}")
+    kex_algorithms = r.str_list(g, "kex_algorithms", "gateway.")
+    for k in kex_algorithms:
+        if k not in KNOWN_KEX_ALGORITHMS:
+            r.error("gateway.kex_algorithms", f"unknown key exchange '{k}'; known: {', '.join(KNOWN_KEX_ALGORITHMS)}")
     gateway = GatewayConfig(
         listen=tuple(listen),
         host_keys=tuple(host_keys),
@@ -459,6 +469,10 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         login_grace=r.get(g, "login_grace", "gateway.", float, 30.0, check=_positive),
         keepalive_interval=r.get(g, "keepalive_interval", "gateway.", float, 30.0, check=_positive),
         ciphers=tuple(ciphers),
+        macs=tuple(macs),
+        kex_algorithms=tuple(kex_algorithms),
+        kexinit_wait=r.get(g, "kexinit_wait", "gateway.", float, 0.5,
+                           check=lambda v: None if 0 <= v <= 10 else "must be between 0 and 10 seconds"),
         relay_tuning=r.get(g, "relay_tuning", "gateway.", bool, True),
         window=r.get(g, "window", "gateway.", int, 8 * 1024 * 1024,
                      check=lambda v: None if 32768 <= v <= (1 << 30) else "must be between 32768 and 1073741824"),
@@ -470,7 +484,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                          f"or 'none', got '{v}'"),
         admin_socket=r.path(r.get(g, "admin_socket", "gateway.", str)) or (state_dir / "admin.sock"),
         reconcile_interval=r.get(g, "reconcile_interval", "gateway.", float, 30.0, check=_positive),
-        upstream_ca_key=_existing_file(r, g, "upstream_ca_key", "gateway."),
+        upstream_ca_key=upstream_ca_key,
         drain_timeout=r.get(g, "drain_timeout", "gateway.", float, 60.0, check=_non_negative),
     )
 
@@ -641,6 +655,9 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     passthrough = _parse_passthrough(r, doc)
     limits = _parse_limits(r, doc)
+    from .store.config import parse_store
+
+    store = parse_store(r, doc)
     audit = r.table(doc, "audit", "")
     r.unknown_keys(audit, {"file"}, "audit.")
     audit_value = r.get(audit, "file", "audit.", str)
@@ -659,4 +676,5 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         passthrough=passthrough,
         audit_file=audit_file,
         limits=limits,
+        store=store,
     )

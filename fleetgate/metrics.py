@@ -18,12 +18,19 @@ BOOT_BUCKETS = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 3
 CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 SESSION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 3600, 24 * 3600)
 
-WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "stop_failed", "cooldown")
+WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "stop_failed", "cooldown",
+                        "store_unavailable",
+                        # libvirt / ec2: the API's rate limit, no capacity, the machine no longer exists
+                        "throttled", "no_capacity", "machine_gone")
 UPSTREAM_FAILURE_REASONS = ("host_key_mismatch", "upstream_auth", "upstream_error")
 MACHINE_STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
 CONNECTION_RESULTS = ("authenticated", "auth_failed", "preauth_timeout", "routing_refused", "wake_failed",
-                      "upstream_failed", "closed_preauth")
+                      "upstream_failed", "closed_preauth", "user_limit")
+CHANNEL_KINDS = ("session", "jump", "forward", "remote_forward")
+CHANNEL_RESULTS = ("ok", "refused", "wake_failed", "connect_failed", "limit")
 BACKEND_OPS = ("start", "stop", "status", "address")
+STORE_OPS = ("range", "txn", "lease_grant", "lease_keepalive", "lease_revoke")
+STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -79,7 +86,8 @@ class Metrics:
         self.preauth_refusals = Counter(
             "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits.",
             ["reason"], registry=r)
-        for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate"):
+        for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate",
+                       "kex_budget"):
             self.preauth_refusals.labels(reason)
         self.reaper_last_run = Gauge(
             "fleetgate_reaper_last_run_timestamp_seconds", "Unix time of the idle reaper's last completed pass.",
@@ -103,6 +111,20 @@ class Metrics:
             ["reason"], registry=r)
         for reason in ("rate_limited", "wake_failed", "connect_failed"):
             self.passthrough_refusals.labels(reason)
+        # Descriptor exhaustion and per-connection errors (issue 10): counted, never fatal.
+        self.loop_errors = Counter(
+            "fleetgate_loop_errors", "Errors the SSH listeners' event loop reported and survived, by kind "
+            "(accept_descriptors: accept() failed for lack of file descriptors or memory).", ["kind"], registry=r)
+        for kind in ("accept_descriptors", "accept", "other"):
+            self.loop_errors.labels(kind)
+        self.http_refusals = Counter(
+            "fleetgate_http_refusals", "HTTP (metrics/admin) connections closed without an answer, by reason.",
+            ["reason"], registry=r)
+        for reason in ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors"):
+            self.http_refusals.labels(reason)
+        self.fd_limit = Gauge(
+            "fleetgate_fd_limit", "The gateway's open-file limit (RLIMIT_NOFILE soft, raised to the hard limit "
+            "at start): the budget connections draw on.", registry=r)
         self.session_duration = Histogram(
             "fleetgate_session_duration_seconds", "Duration of authenticated connections.", [],
             buckets=SESSION_BUCKETS, registry=r)
@@ -110,9 +132,36 @@ class Metrics:
             self.auth_failures.labels(reason)
         for result in CONNECTION_RESULTS:
             self.connections.labels(result)
+        for kind in CHANNEL_KINDS:
+            for result in CHANNEL_RESULTS:
+                self.channels.labels(kind, result)
         for direction in ("up", "down"):
             for mode in ("relay", "jump", "forward"):
                 self.relayed_bytes.labels(direction, mode)
+
+        # The shared store (etcd, several replicas; docs/ha.md). Every replica exports its own.
+        self.store_ops = Histogram(
+            "fleetgate_store_op_duration_seconds", "Duration of requests to the shared store (etcd), by op and result.",
+            ["op", "result"], buckets=STORE_BUCKETS, registry=r)
+        for op in STORE_OPS:
+            for result in ("ok", "error"):
+                self.store_ops.labels(op, result)
+        self.store_up = Gauge(
+            "fleetgate_store_up", "1 if this replica's shared store (etcd) answers and its lease is alive; "
+            "1 with the in-process store.", registry=r)
+        self.store_up.set(1)
+        self.store_lease_lost = Counter(
+            "fleetgate_store_lease_lost", "Times this replica's etcd lease expired (its holds vanished and were "
+            "registered again).", registry=r)
+        self.store_claims = Counter(
+            "fleetgate_store_claims", "Fleet-wide start/stop claims by this replica: won, lost to another "
+            "replica, and performed (the backend call was made here).", ["kind", "result"], registry=r)
+        for kind in ("start", "stop"):
+            for result in ("won", "lost", "performed"):
+                self.store_claims.labels(kind, result)
+        self.replica_info = Info("fleetgate_replica", "This gateway replica's identity in the shared store.",
+                                 registry=r)
+        self.replica_info.info({"replica": "local", "store": "memory"})
 
     def add_machine(self, machine: str, backend: str) -> None:
         """Start a machine's series (and its backend's counters) at 0."""

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openssh-server openssh-client rsync tmux procps prometheus prometheus-alertmanager qemu-system-x86 linux-image-amd64 busybox-static dropbear-bin openssh-sftp-server cpio kmod xz-utils zstd)
+APT_PACKAGES=(openssh-server openssh-client rsync tmux procps prometheus prometheus-alertmanager qemu-system-x86 linux-image-amd64 busybox-static dropbear-bin openssh-sftp-server cpio kmod xz-utils zstd curl git libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev socat etcd-server etcd-client iproute2 util-linux mount passwd)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

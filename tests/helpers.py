@@ -100,10 +100,14 @@ class Fleet:
 
 
 def make_fleet(tmp_path: Path, *, boot_delay: float = 0.0, patch: Callable[[dict], None] | None = None,
-               port: int = 0) -> tuple[Fleet, config_mod.Config]:
-    """Write a demo fleet under tmp_path and return it with its (optionally patched) config."""
+               port: int = 0, isolation: str = "auto") -> tuple[Fleet, config_mod.Config]:
+    """Write a demo fleet under tmp_path and return it with its (optionally patched) config.
+
+    Its process machines are isolated (own namespaces, accounts fg-alice / fg-bob) where the
+    host allows it; isolation="none" for tests whose machines must share the gateway host's
+    network and files (as the gateway's own account)."""
     d = tmp_path / "fleet"
-    cfg_path = demo.prepare(d, port, None, boot_delay=boot_delay)
+    cfg_path = demo.prepare(d, port, None, boot_delay=boot_delay, isolation=isolation)
     host_line = (d / "gateway_host_key.pub").read_text().strip()
     with open(d / "known_hosts", "a") as f:
         f.write(f"{HOST_ALIAS} {host_line}\n")

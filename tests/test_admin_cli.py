@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import sys
 
 from helpers import DemoProcess, run, sample
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_keep_awake_wake_stop_and_status_from_the_cli(tmp_path):

@@ -11,6 +11,8 @@ Two complementary checks:
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import statistics
 import sys
@@ -26,6 +28,8 @@ from helpers import make_fleet, start_gateway
 
 TRIES = 200
 TOLERANCE = 0.10
+
+pytestmark = pytest.mark.e2e
 
 
 class _TimedClient(asyncssh.SSHClient):

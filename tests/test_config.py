@@ -71,7 +71,8 @@ def test_defaults(d: Path) -> None:
     assert (g.window, g.max_packet) == (8 * 1024 * 1024, 256 * 1024)
     assert g.forwarding == "local"
     assert g.ciphers == C.DEFAULT_CIPHERS
-    assert g.ciphers[0] == "aes128-gcm@openssh.com"  # cheapest for the relay
+    assert g.ciphers == ()  # OpenSSH's list, each client steered to its cheapest (ssh/algorithms.py)
+    assert (g.macs, g.kex_algorithms, g.kexinit_wait) == ((), (), 0.5)
     assert cfg.metrics.listen is None
     assert cfg.user_ca_keys == ()
     box1, box2 = cfg.machines["box1"], cfg.machines["box2"]
@@ -208,6 +209,20 @@ def test_ciphers_keep_their_order(d: Path) -> None:
     assert parse(d, doc(gateway={"ciphers": []})).gateway.ciphers == C.DEFAULT_CIPHERS
 
 
+def test_macs_and_kex_algorithms_are_checked(d: Path) -> None:
+    cfg = parse(d, doc(gateway={"macs": ["hmac-sha2-256"], "kex_algorithms": ["curve25519-sha256"],
+                                "kexinit_wait": 0}))
+    assert (cfg.gateway.macs, cfg.gateway.kex_algorithms, cfg.gateway.kexinit_wait) == \
+        (("hmac-sha2-256",), ("curve25519-sha256",), 0.0)
+    assert issues(d, doc(gateway={"macs": ["hmac-md5"], "kex_algorithms": ["diffie-hellman-group1-sha1"],
+                                  "kexinit_wait": 60})) == [
+        ("gateway.macs", "unknown MAC 'hmac-md5'; known: " + ", ".join(C.KNOWN_MACS)),
+        ("gateway.kex_algorithms", "unknown key exchange 'diffie-hellman-group1-sha1'; known: "
+         + ", ".join(C.KNOWN_KEX_ALGORITHMS)),
+        ("gateway.kexinit_wait", "must be between 0 and 10 seconds"),
+    ]
+
+
 def test_unknown_cipher(d: Path) -> None:
     assert issues(d, doc(gateway={"ciphers": ["aes128-gcm@openssh.com", "arcfour", 3]})) == [
         ("gateway.ciphers[2]", "must be a string, got int"),
@@ -304,13 +319,13 @@ def test_bad_machine_timeouts(d: Path) -> None:
 # -- structure and names -----------------------------------------------------------------
 
 def test_every_problem_is_reported_at_once(d: Path) -> None:
-    got = issues(d, doc(gateway={"login_grace": "30s", "colour": "blue"},
+    got = issues(d, doc(gateway={"login_grace": "30 seconds", "colour": "blue"},
                         machines__box1={"backend": "nope"}, users__alice={"machines": ["box7"]}))
     # box1's process options are not reported as unknown: its backend name is the one mistake.
     assert got[0][0] == "gateway.colour" and got[0][1].startswith("unknown key; allowed here: ")
     assert ", login_grace, " in got[0][1]
     assert got[1:] == [
-        ("gateway.login_grace", "must be a number, got str '30s'"),
+        ("gateway.login_grace", "'30 seconds' is not a duration such as 90, \"90s\", \"15m\", \"2h\" or \"1d\""),
         ("machines.box1.backend", "no backend named 'nope'; known: local"),
         ("users.alice.machines", "no machine named 'box7'; known: box1, box2"),
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import os
 import subprocess
@@ -10,6 +12,8 @@ from pathlib import Path
 import trio
 
 from helpers import DemoProcess, free_port, make_fleet, run, sample, start_gateway
+
+pytestmark = pytest.mark.e2e
 
 
 def sha256(path: Path) -> str:
@@ -85,17 +89,24 @@ async def test_pty_follows_resize_and_ctrl_c_interrupts(tmp_path, nursery):
         await run([*tmux, "kill-server"])
 
 
+async def _machine_sha256(fleet, *paths: str) -> list[str]:
+    """sha256 of files on the machine (its own file system: it does not share the gateway's)."""
+    r = await run(fleet.ssh("alice", "sha256sum " + " ".join(paths)))
+    assert r.returncode == 0, r.err
+    return [line.split()[0] for line in r.out.splitlines()]
+
+
 async def test_scp_sftp_rsync_keep_checksums(tmp_path, nursery):
     fleet, cfg = make_fleet(tmp_path)
     await start_gateway(nursery, fleet, cfg)
     src = tmp_path / "random.bin"
     src.write_bytes(os.urandom(20 * 1024 * 1024))
-    remote = tmp_path / "remote"
-    remote.mkdir()
+    remote = "/tmp/xfer"  # the machine's private /tmp, gone when it stops
+    assert (await run(fleet.ssh("alice", f"mkdir -p {remote}"))).returncode == 0
     scp = ["scp", "-q", *fleet.scp_opts()]
     r = await run([*scp, str(src), f"alice@127.0.0.1:{remote}/up.bin"])
     assert r.returncode == 0, r.err
-    assert sha256(remote / "up.bin") == sha256(src)
+    assert await _machine_sha256(fleet, f"{remote}/up.bin") == [sha256(src)]
     r = await run([*scp, f"alice@127.0.0.1:{remote}/up.bin", str(tmp_path / "down.bin")])
     assert r.returncode == 0, r.err
     assert sha256(tmp_path / "down.bin") == sha256(src)
@@ -104,7 +115,8 @@ async def test_scp_sftp_rsync_keep_checksums(tmp_path, nursery):
     batch.write_text(f"put {src} {remote}/sftp.bin\nget {remote}/sftp.bin {tmp_path}/sftp-back.bin\n")
     r = await run(["sftp", "-b", str(batch), *fleet.scp_opts(), "alice@127.0.0.1"])
     assert r.returncode == 0, r.err
-    assert sha256(remote / "sftp.bin") == sha256(src) == sha256(tmp_path / "sftp-back.bin")
+    assert await _machine_sha256(fleet, f"{remote}/sftp.bin") == [sha256(src)]
+    assert sha256(tmp_path / "sftp-back.bin") == sha256(src)
 
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -114,9 +126,8 @@ async def test_scp_sftp_rsync_keep_checksums(tmp_path, nursery):
     rsh = " ".join(["ssh", *fleet.ssh_opts()])
     r = await run(["rsync", "-a", "-e", rsh, f"{tree}/", f"alice@127.0.0.1:{remote}/tree/"])
     assert r.returncode == 0, r.err
-    for f in tree.rglob("*"):
-        if f.is_file():
-            assert sha256(remote / "tree" / f.relative_to(tree)) == sha256(f)
+    files = sorted(f.relative_to(tree) for f in tree.rglob("*") if f.is_file())
+    assert await _machine_sha256(fleet, *(f"{remote}/tree/{f}" for f in files)) == [sha256(tree / f) for f in files]
 
 
 async def _upper_echo_server(task_status=trio.TASK_STATUS_IGNORED):
@@ -154,24 +165,79 @@ async def _roundtrip(port: int, payload: bytes) -> bytes:
     return out
 
 
+# Run inside a machine (python3 -c): an upper-casing echo server on its own loopback, and a
+# client that sends stdin to a port there (retrying while a -R forward is being set up).
+_MACHINE_ECHO = """
+import socket, sys, threading
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(8)
+print(srv.getsockname()[1], flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d: break
+            c.sendall(d.upper())
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+_MACHINE_CLIENT = """
+import socket, sys, time
+deadline = time.monotonic() + 20
+while True:
+    try:
+        c = socket.create_connection(("127.0.0.1", int(sys.argv[1]))); break
+    except OSError:
+        if time.monotonic() > deadline: raise
+        time.sleep(0.05)
+data = sys.stdin.buffer.read(); c.sendall(data); c.shutdown(socket.SHUT_WR)
+out = b""
+while True:
+    d = c.recv(65536)
+    if not d: break
+    out += d
+sys.stdout.buffer.write(out)
+"""
+
+
+def _py(code: str, *args: str) -> str:
+    """A shell command running `code` with python3 on the machine."""
+    import base64
+    b64 = base64.b64encode(code.encode()).decode()
+    return f"exec python3 -c \"import base64; exec(base64.b64decode('{b64}'))\" {' '.join(args)}"
+
+
 async def test_local_remote_forwards_and_agent(tmp_path, nursery):
     fleet, cfg = make_fleet(tmp_path)
     await start_gateway(nursery, fleet, cfg)
     echo_port = await nursery.start(_upper_echo_server)
     payload = os.urandom(256 * 1024).hex().encode()
 
+    # -L reaches the machine's own loopback (process machines have their own network
+    # namespace): an echo server started on the machine answers through it.
+    server = await trio.lowlevel.open_process(fleet.ssh("alice", _py(_MACHINE_ECHO)), stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE)
+    with trio.fail_after(30):
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = await server.stdout.receive_some(100)
+            assert chunk, "echo server on the machine did not start"
+            line += chunk
+    machine_echo = int(line)
     lport = free_port()
-    proc_l = await trio.lowlevel.open_process(fleet.ssh("alice", extra=["-N", "-L", f"{lport}:localhost:{echo_port}"]))
+    proc_l = await trio.lowlevel.open_process(fleet.ssh("alice", extra=["-N", "-L", f"{lport}:localhost:{machine_echo}"]))
     rport = free_port()
     proc_r = await trio.lowlevel.open_process(fleet.ssh("alice", extra=["-N", "-R", f"{rport}:localhost:{echo_port}"]))
     try:
         await _wait_port(lport)
         assert await _roundtrip(lport, payload) == payload.upper()
-        await _wait_port(rport)
-        assert await _roundtrip(rport, payload) == payload.upper()
-        assert fleet.machine("alice").sessions == 2
+        # -R binds on the machine; the client's side (echo_port here) answers.
+        r = await run(fleet.ssh("alice", _py(_MACHINE_CLIENT, str(rport))), stdin=payload)
+        assert r.returncode == 0, r.err
+        assert r.stdout == payload.upper()
+        with trio.fail_after(10):  # the echo server's, -L's and -R's sessions; the client's has ended
+            await fleet.running.fleet.wait_sessions(fleet.machine("alice"), 3)
     finally:
-        for p in (proc_l, proc_r):
+        for p in (proc_l, proc_r, server):
             p.terminate()
             with trio.fail_after(10):
                 await p.wait()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 import trio
 
 from helpers import DemoProcess, Session, run, sample
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_demo_metrics_follow_a_wake_and_a_session(tmp_path, nursery):

@@ -50,6 +50,9 @@ CONCURRENCY = 32
 
 # -- the corpus: what real clients send before they are refused -----------------------------
 
+pytestmark = pytest.mark.e2e
+
+
 async def record_corpus(gw: GatewayProcess, tmp_path: Path) -> list[bytes]:
     """Run OpenSSH and asyncssh clients (each refused) through a recording proxy."""
     wrong = write_wrong_key(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 
@@ -17,6 +19,7 @@ def test_tuning_applies_on_the_pinned_asyncssh():
     assert internals.apply_relay_tuning()  # idempotent
 
 
+@pytest.mark.e2e
 async def test_tuned_relay_is_byte_exact_both_ways_and_reports_disconnect_reasons(tmp_path, nursery):
     fleet, cfg = make_fleet(tmp_path)
     await start_gateway(nursery, fleet, cfg)

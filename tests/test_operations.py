@@ -3,6 +3,8 @@ and restart, systemd socket activation — with real OpenSSH sessions running th
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import signal
 import socket
@@ -12,6 +14,8 @@ from pathlib import Path
 import trio
 
 from helpers import ServeProcess, Session, fetch_metrics, make_fleet, run, sample
+
+pytestmark = pytest.mark.e2e
 
 
 def _write_setting(cfg: Path, table: str, line: str) -> None:

@@ -7,6 +7,8 @@ penalties are meant to land on them and not on alice.
 
 from __future__ import annotations
 
+import pytest
+
 import logging
 import random
 import statistics
@@ -67,6 +69,7 @@ async def asyncssh_attempt(source: str, port: int, user: str, key: asyncssh.SSHK
         return type(exc).__name__
 
 
+@pytest.mark.e2e
 async def test_scan_of_1000_unauthenticated_connections(tmp_path):
     """Noise, cut handshakes, wrong keys and unknown users (asyncssh and the real ssh),
     50 at a time from 100 addresses, while alice logs in again and again from 127.0.0.1.
@@ -177,6 +180,7 @@ def raise_fd_limit(needed: int) -> None:
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= needed, "raise the open-files limit (ulimit -n)"
 
 
+@pytest.mark.e2e
 async def test_500_half_open_connections_are_held_then_closed_at_grace(tmp_path, nursery, caplog):
     """500 connections from 20 addresses that never send a byte, held while alice logs in;
     each must be closed by the gateway at login_grace, counted, and logged once per address."""

@@ -26,6 +26,8 @@ from helpers import Fleet, make_fleet, run, start_gateway
 BOOT_TIMEOUT = 90   # generous: the machine is shared with other test runs
 STOP_TIMEOUT = 20
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:

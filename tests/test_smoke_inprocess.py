@@ -1,5 +1,10 @@
+"""The smallest end-to-end check: one exec through an in-process gateway."""
+
+import pytest
 
 from helpers import make_fleet, run, start_gateway
+
+pytestmark = pytest.mark.e2e
 
 
 async def test_exec_through_inprocess_gateway(tmp_path, nursery):

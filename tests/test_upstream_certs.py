@@ -6,12 +6,16 @@ import subprocess
 import time
 
 import asyncssh
+import pytest
 import trio
 import trio_asyncio
 
+from fleetgate import transport
 from fleetgate.keys import ensure_key
 from fleetgate.ssh.certs import CertPolicy, sign_session_key
 from helpers import make_fleet, run, start_gateway
+
+pytestmark = pytest.mark.e2e
 
 
 def _setup(tmp_path):
@@ -30,9 +34,12 @@ def _setup(tmp_path):
     return ca, patch
 
 
-async def _login(port: int, user: str, key, cert) -> str:
+async def _login(address, user: str, key, cert) -> str:
+    """Log in to the machine's sshd directly (through its own network namespace when isolated)."""
+    sock = await transport.open_stream(address)
+
     async def attempt():
-        async with asyncssh.connect("127.0.0.1", port, username=user, client_keys=[(key, cert)], known_hosts=None,
+        async with asyncssh.connect(None, sock=sock, username=user, client_keys=[(key, cert)], known_hosts=None,
                                     config=None, agent_path=None) as conn:
             return (await conn.run("echo in", check=True)).stdout
 
@@ -49,28 +56,30 @@ async def test_session_with_only_the_ca_line_and_refused_bad_certificates(tmp_pa
     r = await run(fleet.ssh("alice", "echo via-certificate"))
     assert (r.returncode, r.out) == (0, "via-certificate\n"), r.err
 
-    port = cfg.machines["alice"].options["port"]
+    address = fleet.machine("alice").address
     user = cfg.machines["alice"].user
     policy = CertPolicy(validity=120)
     async with trio_asyncio.open_loop():
         with trio.fail_after(30):
-            assert await _login(port, user, *sign_session_key(ca, user, "control", policy)) == "in\n"
+            assert await _login(address, user, *sign_session_key(ca, user, "control", policy)) == "in\n"
             expired = sign_session_key(ca, user, "expired", policy, now=time.time() - 3600)
-            assert await _login(port, user, *expired) == "denied"
+            assert await _login(address, user, *expired) == "denied"
             wrong = sign_session_key(ca, "mallory", "wrong-principal", policy)
-            assert await _login(port, user, *wrong) == "denied"
+            assert await _login(address, user, *wrong) == "denied"
 
 
 def _host_cert_patch(tmp_path, trusted: str):
     """bob's sshd presents a host certificate signed by host_ca; the gateway trusts `trusted`
-    (host_ca or other_ca) and pins no key: only a CA can vouch for bob."""
+    (host_ca or other_ca) and pins no key: only a CA can vouch for bob. The certificate names
+    bob by address and by name: an isolated process machine (reached in its own network
+    namespace) is verified by its machine name, like a VSOCK one."""
     for name in ("host_ca", "other_ca"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
 
     def patch(doc):
         m = doc["machines"]["bob"]
         hk = tmp_path / "fleet" / "machines" / "bob" / "ssh_host_ed25519_key"
-        subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "host_ca"), "-I", "bob", "-h", "-n", "127.0.0.1",
+        subprocess.run(["ssh-keygen", "-q", "-s", str(tmp_path / "host_ca"), "-I", "bob", "-h", "-n", "127.0.0.1,bob",
                         f"{hk}.pub"], check=True, capture_output=True)
         m["host_certificate_file"] = f"{hk}-cert.pub"
         del m["host_key"]
