@@ -81,7 +81,12 @@ async def _main(args: argparse.Namespace) -> None:
     from fleetgate.app import App
 
     state_dir = Path(args.state_dir)
-    cfg_path = demo.prepare(state_dir, 0, None)
+    # The direct baseline connects to each machine's sshd from this host, so the machines run
+    # without network namespaces here (isolation does not change the relay path's cost; its
+    # wake cost is bench/process_wake.py's). Older fleetgate versions have no such option.
+    import inspect
+    extra = {"isolation": "none"} if "isolation" in inspect.signature(demo.prepare).parameters else {}
+    cfg_path = demo.prepare(state_dir, 0, None, **extra)
     doc = tomllib.loads(cfg_path.read_text())
     merge(doc, parse_sets(args.set))
     cfg = config_mod.parse(doc, file=str(cfg_path), base_dir=state_dir)
