@@ -114,6 +114,7 @@ def healthcheck_argv(commands: list[dockerfile.Command]) -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
+@pytest.mark.e2e  # a real gateway process serving on loopback
 async def test_healthcheck_tells_a_serving_gateway_from_a_stopped_one(commands, tmp_path: Path) -> None:
     write_keys(tmp_path)
     text = (CONFIGS / "valid.toml").read_text().replace('listen = ["127.0.0.1:2222"]', 'listen = ["127.0.0.1:0"]')
