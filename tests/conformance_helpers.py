@@ -33,30 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
+from helpers import REPO, Result, free_port
 GATEWAY = "gateway"
 DIRECT = "direct"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def out(self) -> str:
-        return self.stdout.decode(errors="replace")
-
-    @property
-    def err(self) -> str:
-        return self.stderr.decode(errors="replace")
 
 
 def run(argv: Sequence[str], *, timeout: float = 60, stdin: bytes = b"", env: dict[str, str] | None = None,
