@@ -109,7 +109,8 @@ KNOWN_MACS = (
     "hmac-sha2-256", "hmac-sha2-512", "hmac-sha1",
 )
 KNOWN_KEX_ALGORITHMS = (
-    "mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256",
+    "mlkem768x25519-sha256", "sntrup761x25519-sha512", "sntrup761x25519-sha512@openssh.com",
+    "curve25519-sha256", "curve25519-sha256@libssh.org", "ecdh-sha2-nistp256",
     "ecdh-sha2-nistp384", "ecdh-sha2-nistp521", "diffie-hellman-group-exchange-sha256",
     "diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256",
 )

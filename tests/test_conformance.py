@@ -27,8 +27,6 @@ from typing import Callable
 
 import pytest
 
-from fleetgate.ssh.internals import available_kex_algs
-
 from conformance_helpers import (DIRECT, GATEWAY, REPO, Endpoint, GatewayUnderTest, Outcome, Results, Row, Terminal,
                                  UpperEchoServer, exit_text, first_line, free_port, machine_user, run, sha256_file,
                                  socks5_roundtrip, sshd_algorithms, stop_process, tcp_roundtrip, tool_versions,
@@ -756,17 +754,7 @@ def test_algorithm(conf, option, alg, offered):
             ln for ln in r.err.splitlines() if "kex" in ln or not ln.startswith("debug"))[-800:])
 
     kind = {"Ciphers": "cipher", "MACs": "MAC (with aes128-ctr)", "KexAlgorithms": "key exchange"}[option]
-    known_gap = option == "KexAlgorithms" and alg.startswith("sntrup761") and alg not in available_kex_algs()
-    row = conf.compare("OpenSSH ssh", f"{kind} {alg}" + ("" if offered else " (not offered by sshd)")
-                       + (" — known gap: asyncssh needs liboqs, not in Debian 12" if known_gap else ""), observe)
-    if known_gap:
-        # The one documented difference (docs/security.md, "Key exchange and ciphers"): a client
-        # that allows nothing but sntrup761 is refused; OpenSSH's default list falls back to
-        # mlkem768x25519 or curve25519 (the default-client rows). If liboqs appears, this row
-        # must become "same", and does, through the `else` below.
-        assert row.direct.text.startswith("ok"), row.direct.text
-        assert "no matching key exchange" in row.gateway.text, row.gateway.text
-        return
+    row = conf.compare("OpenSSH ssh", f"{kind} {alg}" + ("" if offered else " (not offered by sshd)"), observe)
     conf.expect_same(row)
 
 

@@ -37,6 +37,8 @@ from . import internals
 # negotiates the next one on its list (curve25519-sha256 or mlkem768x25519-sha256).
 OPENSSH_KEX = (
     "mlkem768x25519-sha256",  # OpenSSH 9.9+ default; asyncssh drops it if its crypto cannot do it
+    "sntrup761x25519-sha512",  # OpenSSH 9.0-9.8 default (internals.register_sntrup761, via pqcrypto)
+    "sntrup761x25519-sha512@openssh.com",
     "curve25519-sha256",
     "curve25519-sha256@libssh.org",
     "ecdh-sha2-nistp256",

@@ -12,7 +12,8 @@ bump breaks a hook):
 - `create_session_channel()`: a session channel that answers the user's CLOSE only after
   the machine's channel closed, as sshd does (OpenSSH ControlMaster depends on it);
 - `watch_transport()`: the user's TCP back-pressure, which asyncssh itself ignores;
-- `create_remote_listener()`: `-R` registered before the machine listens, as OpenSSH does.
+- `create_remote_listener()`: `-R` registered before the machine listens, as OpenSSH does;
+- `register_sntrup761()`: the post-quantum key exchange OpenSSH 9.0-9.8 prefer, without liboqs.
 
 Relay tuning: per-packet costs of asyncssh that a relay pays twice per byte, removed.
 
@@ -615,3 +616,74 @@ async def create_remote_listener(conn: asyncssh.SSHClientConnection, session_fac
         listeners.pop(key, None)
         raise asyncssh.ChannelListenError("Failed to create remote TCP listener")
     return listener
+
+
+# -- sntrup761x25519-sha512 without liboqs ----------------------------------------------
+#
+# OpenSSH 9.0–9.8 clients prefer sntrup761x25519-sha512 (9.9+ prefer mlkem768x25519, which
+# asyncssh does with `cryptography`). asyncssh does sntrup761 only through liboqs, which
+# Debian 12 does not ship; so a client that allows nothing else was refused although its own
+# sshd accepts it. pqcrypto (PyPI, PQClean's reference sntrup761) provides the KEM; asyncssh's
+# own hybrid handler does the rest, exactly as it would with liboqs.
+
+_SNTRUP_SIZES = (1158, 1763, 1039, 32)  # public key, private key, ciphertext, shared secret
+
+
+class _PQCleanSntrup761:
+    """asyncssh's PQ key protocol over pqcrypto.kem.sntrup_761; the key pair only when asked
+    for (a server only encapsulates, so pre-authentication work stays one encaps)."""
+
+    pubkey_bytes, privkey_bytes, ciphertext_bytes, secret_bytes = _SNTRUP_SIZES
+
+    def __init__(self, alg_name: bytes) -> None:
+        from pqcrypto.kem import sntrup_761
+
+        self._kem = sntrup_761
+        self._pair: tuple[bytes, bytes] | None = None
+
+    def _keys(self) -> tuple[bytes, bytes]:
+        if self._pair is None:
+            self._pair = self._kem.keygen()
+        return self._pair
+
+    def get_public(self) -> bytes:
+        return self._keys()[0]
+
+    def encaps(self, peer_public: bytes) -> tuple[bytes, bytes]:
+        if len(peer_public) != self.pubkey_bytes:
+            raise ValueError("Invalid public key")
+        ciphertext, secret = self._kem.encaps(peer_public)
+        return secret, ciphertext
+
+    def decaps(self, ciphertext: bytes) -> bytes:
+        if len(ciphertext) != self.ciphertext_bytes:
+            raise ValueError("Invalid ciphertext")
+        return self._kem.decaps(self._keys()[1], ciphertext)
+
+
+def register_sntrup761() -> bool:
+    """Offer sntrup761x25519-sha512 (both names) where asyncssh has no liboqs; True if available."""
+    names = (b"sntrup761x25519-sha512", b"sntrup761x25519-sha512@openssh.com")
+    if all(n in _kex.get_kex_algs() for n in names):
+        return True
+    try:
+        from pqcrypto.kem import sntrup_761
+    except ImportError:
+        return False
+    sizes = (sntrup_761.PUBLIC_KEY_SIZE, sntrup_761.SECRET_KEY_SIZE, sntrup_761.CIPHERTEXT_SIZE,
+             sntrup_761.SHARED_SECRET_SIZE)
+    hybrid = getattr(_kex_dh, "_KexHybridECDH", None)
+    curve = getattr(_kex_dh, "Curve25519DH", None)
+    if sizes != _SNTRUP_SIZES or hybrid is None or curve is None or not _kex_dh.curve25519_available:
+        log.warning("sntrup761 key exchange not offered: pqcrypto or asyncssh %s are not as tested",
+                    asyncssh.__version__)
+        return False
+    from hashlib import sha512
+
+    for name in names:
+        if name not in _kex.get_kex_algs():
+            _kex.register_kex_alg(name, hybrid, sha512, (_PQCleanSntrup761, b"sntrup761", curve), True)
+    return True
+
+
+register_sntrup761()
