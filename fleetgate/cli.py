@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -52,9 +53,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.limits is not None:  # descriptors: a flood must reach a limit before accept() fails
         for warning in fdlimit.check(config.limits.max_unauthenticated, fdlimit.default_http_connections()):
             print(f"warning: {warning}", file=sys.stderr)
+    _warn_isolation(config)
     if getattr(args, "connect", False):
         return _check_store(config)
     return 0
+
+
+def _warn_isolation(config) -> None:
+    """A process backend that must isolate its machines where this host cannot: `serve` would
+    refuse. A warning, not an error: check may run as another user or on another host."""
+    from .backends.process import isolation_problem
+
+    for name, b in config.backends.items():
+        if b.type == "process" and b.options.get("isolation", "namespaces") != "none":
+            problem = isolation_problem(b.options.get("unshare"))
+            if problem is not None:
+                print(f"warning: backends.{name}: its machines cannot be isolated here ({problem}); "
+                      f"`fleetgate serve` run like this refuses to start; isolation = \"none\" opts out",
+                      file=sys.stderr)
 
 
 def _check_store(config) -> int:
@@ -138,18 +154,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level, args.log_format)
     state_dir = Path(args.state_dir) if args.state_dir else demo.default_state_dir()
     metrics_port = None if args.metrics_port == 0 else args.metrics_port
+    if args.monitoring and metrics_port is None:
+        print("--monitoring needs the metrics listener (--metrics-port other than 0)", file=sys.stderr)
+        return 2
+    if args.monitoring:
+        from . import demo_stack
+
+        try:  # before anything starts: say at once what is missing
+            demo_stack.find_binaries()
+            demo_stack.find_assets(Path(args.monitoring_dir) if args.monitoring_dir else None)
+        except FileNotFoundError as exc:
+            print(f"fleetgate demo --monitoring: {exc}", file=sys.stderr)
+            return 1
     cfg_path = demo.prepare(state_dir, args.port, metrics_port, boot_delay=args.boot_delay,
-                            idle_timeout=args.idle_timeout, min_uptime=args.min_uptime, isolation=args.isolation)
+                            idle_timeout=args.idle_timeout, min_uptime=args.min_uptime, isolation=args.isolation,
+                            broken=args.monitoring)
     try:
         config = load(cfg_path)
     except ConfigError as exc:
         print(f"demo config is broken: {exc}", file=sys.stderr)
         return 1
 
-    def started(running) -> None:
-        print(demo.instructions(state_dir, running.ssh_ports[0], running.metrics_port), flush=True)
+    if not args.monitoring:
+        def started(running) -> None:
+            print(demo.instructions(state_dir, running.ssh_ports[0], running.metrics_port), flush=True)
 
-    trio.run(_run_app, config, True, started)
+        trio.run(_run_app, config, True, started)
+        return 0
+    return trio.run(_run_demo_with_monitoring, config, state_dir, args)
+
+
+async def _run_demo_with_monitoring(config, state_dir: Path, args: argparse.Namespace) -> int:
+    """The demo gateway, then Prometheus, Alertmanager and a webhook receiver watching it (demo_stack)."""
+    from . import demo, demo_stack
+
+    async with trio.open_nursery() as nursery:
+        gateway_started = trio.Event()
+        ports: list = []
+
+        def started(running) -> None:
+            ports.append((running.ssh_ports[0], running.metrics_port))
+            gateway_started.set()
+
+        async def gateway() -> None:
+            await _run_app(config, True, started)
+            nursery.cancel_scope.cancel()  # the gateway stopped (Ctrl-C): so does the monitoring
+
+        nursery.start_soon(gateway)
+        with trio.fail_after(60):
+            await gateway_started.wait()
+        port, metrics_port = ports[0]
+        urls = await nursery.start(partial(demo_stack.run, state_dir / "monitoring", metrics_port,
+                                           assets=Path(args.monitoring_dir) if args.monitoring_dir else None))
+        text = demo.instructions(state_dir, port, metrics_port)
+        base = (f"ssh -p {port} -i {state_dir}/client_key -o UserKnownHostsFile={state_dir}/known_hosts "
+                "-o IdentitiesOnly=yes")
+        head, _, tail = text.rpartition("\n")  # the last line says how to stop
+        print(f"{head}\n{demo_stack.instructions(urls, base, state_dir / 'monitoring')}\n{tail}", flush=True)
     return 0
 
 
@@ -267,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a machine stays up at least this long (90, 90s, 15m, 2h)")
     d.add_argument("--isolation", choices=("auto", "namespaces", "none"), default="auto",
                    help="process machines in their own namespaces and accounts (needs root); auto: where possible")
+    d.add_argument("--monitoring", action="store_true",
+                   help="also start Prometheus (the project's rules) and Alertmanager (alerts/alertmanager.yml) "
+                        "watching the demo, print their notifications, and add a machine `broken` whose wake fails")
+    d.add_argument("--monitoring-dir", help="the alerts/ directory of a fleetgate checkout (default: found next to "
+                                            "the package)")
     d.set_defaults(func=cmd_demo)
 
     def admin_parser(name: str, help: str) -> argparse.ArgumentParser:

@@ -245,3 +245,26 @@ def test_every_backend_key_is_documented(btype: str) -> None:
     cls = BACKEND_TYPES[btype]
     missing = sorted((set(cls.BACKEND_OPTIONS) | set(cls.MACHINE_OPTIONS)) - rows)
     assert not missing, f"backend type {btype!r}: document {missing} in docs/ (a '| `KEY` |' row)"
+
+
+def test_check_warns_when_this_host_cannot_isolate_process_machines(keyed: Path) -> None:
+    """serve would refuse such a backend; check says so (a warning: it may run elsewhere)."""
+    path = place(keyed, "valid.toml")
+    text = path.read_text()
+    assert '[backends.local]\ntype = "process"\n' in text
+    path.write_text(text.replace('[backends.local]\ntype = "process"\n',
+                                 '[backends.local]\ntype = "process"\nunshare = "/bin/false"\n', 1))
+    r = fleetgate("check", "-c", str(path), cwd=keyed)
+    assert r.returncode == 0, r.stderr
+    assert "warning: backends.local: its machines cannot be isolated here" in r.stderr
+    assert 'isolation = "none" opts out' in r.stderr
+
+
+def test_check_reads_process_machine_key_files_as_their_kind(keyed: Path) -> None:
+    """A public key where the machine's host key belongs failed only when the machine started."""
+    path = place(keyed, "valid.toml")
+    path.write_text(path.read_text().replace('host_key_file = "machines/box1/ssh_host_ed25519_key"',
+                                             'host_key_file = "machines/box1/ssh_host_ed25519_key.pub"', 1))
+    r = fleetgate("check", "-c", str(path), cwd=keyed)
+    assert r.returncode == 1, r.stderr
+    assert "key 'machines.box1.host_key_file'" in r.stderr and "is not an OpenSSH private key" in r.stderr

@@ -109,6 +109,27 @@ def _isolation_problem(unshare: str | None) -> str | None:
     return None
 
 
+def _key_file_problem(key: str, path: Path) -> str | None:
+    """`fleetgate check` reads each key file as the kind sshd will need, so a wrong file
+    (a public key where the private one belongs) is an error there, not at a machine's start."""
+    import asyncssh
+
+    try:
+        if key == "host_key_file":
+            asyncssh.read_private_key(str(path))
+        elif key == "host_certificate_file":
+            asyncssh.read_certificate(str(path))
+        elif key == "authorized_keys_file":
+            asyncssh.read_authorized_keys(str(path))
+        else:  # trusted_user_ca_keys_file: public keys, one a line
+            asyncssh.read_public_key_list(str(path))
+    except (asyncssh.KeyImportError, ValueError, OSError) as exc:
+        kind = {"host_key_file": "an OpenSSH private key", "host_certificate_file": "an OpenSSH host certificate",
+                "authorized_keys_file": "an authorized_keys file"}.get(key, "OpenSSH public keys")
+        return f"{path} is not {kind} ({exc})"
+    return None
+
+
 class IsolationUnavailable(OSError):
     """The process backend would run machines as the gateway's own account and was not told to.
 
@@ -234,10 +255,18 @@ class ProcessBackend(Backend):
                 p = resolve(v)
                 if p is None or not p.is_file():
                     yield key, f"no such file {p}"
+                else:
+                    problem = _key_file_problem(key, p)
+                    if problem:
+                        yield key, problem
         for key in ("trusted_user_ca_keys_file", "host_certificate_file"):
             v = opts.get(key)
             if v is not None and (not isinstance(v, str) or resolve(v) is None or not resolve(v).is_file()):
                 yield key, f"no such file {resolve(v) if isinstance(v, str) else v!r}"
+            elif v is not None:
+                problem = _key_file_problem(key, resolve(v))
+                if problem:
+                    yield key, problem
         env = opts.get("accept_env")
         if env is not None and (not isinstance(env, list) or not all(isinstance(e, str) for e in env)):
             yield "accept_env", "must be a list of environment variable patterns"
