@@ -119,6 +119,9 @@ def _key_file_problem(key: str, path: Path) -> str | None:
             asyncssh.read_private_key(str(path))
         elif key == "host_certificate_file":
             asyncssh.read_certificate(str(path))
+        elif not any(line.strip() and not line.lstrip().startswith("#")
+                     for line in path.read_text(errors="replace").splitlines()):
+            return None  # no key at all: valid for sshd (e.g. only a CA is trusted)
         elif key == "authorized_keys_file":
             asyncssh.read_authorized_keys(str(path))
         else:  # trusted_user_ca_keys_file: public keys, one a line
