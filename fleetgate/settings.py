@@ -97,6 +97,28 @@ class PassthroughConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """[routing]: the TOML table (type "table") or the team's own HTTP service (type "webhook"),
+    and optionally users' authorized keys from that service (keys_url). docs/webhooks.md."""
+
+    type: str = "table"
+    url: str | None = None           # route webhook (type = "webhook")
+    keys_url: str | None = None      # authorized-keys webhook (either type)
+    timeout: float = 2.0
+    cache_ttl: float = 60.0
+    cache_size: int = 10000
+    token: str | None = field(default=None, repr=False)  # read from token_file; a secret
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def webhook(self) -> bool:
+        return self.type == "webhook"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     base_dir: Path
@@ -110,6 +132,7 @@ class Config:
     audit_file: Path | str | None = None
     limits: Any = None  # fleetgate.ssh.limits.LimitsConfig
     store: Any = None  # fleetgate.store.StoreConfig; None: the in-process store
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
 
 
 def parse_host_port(value: str, default_host: str = "0.0.0.0") -> HostPort | None:

@@ -9,6 +9,7 @@ from .http import HttpBackend
 from .command import CommandBackend
 from .libvirt import LibvirtBackend
 from .ec2 import Ec2Backend
+from .device import DeviceBackend
 
 BACKEND_TYPES: dict[str, type[Backend]] = {
     ProcessBackend.TYPE: ProcessBackend,
@@ -17,6 +18,7 @@ BACKEND_TYPES: dict[str, type[Backend]] = {
     CommandBackend.TYPE: CommandBackend,
     LibvirtBackend.TYPE: LibvirtBackend,
     Ec2Backend.TYPE: Ec2Backend,
+    DeviceBackend.TYPE: DeviceBackend,
 }
 
 __all__ = ["Address", "Backend", "BackendError", "PowerState", "BACKEND_TYPES", "ProcessBackend"]
