@@ -51,8 +51,12 @@ class Reaper:
     def tick(self, stops: trio.Nursery) -> None:
         """One pass: update idle gauges, pre-wake warm machines, start stops that are due."""
         metrics = self.fleet.metrics
-        for name, m in self.fleet.machines.items():
+        for name, m in list(self.fleet.machines.items()):
+            if name not in self.fleet.configured and m.state.value in ("stopped", "failed") and not m.sessions:
+                self.fleet.forget(name)  # removed from the config and stopped since: its series go too
+                continue
             metrics.machine_idle.labels(name).set(self.fleet.idle_for(m))
+            self.fleet.account_running(m)
             self.fleet._update_lease_gauge(m)
             warm = self.warm(name)
             if warm and m.state in (State.STOPPED, State.UNKNOWN, State.FAILED):

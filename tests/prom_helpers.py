@@ -23,7 +23,8 @@ from fleetgate.metrics import Metrics
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "alerts"
 RULES = ALERTS / "fleetgate.rules.yml"
-RULE_TESTS = (ALERTS / "fleetgate.rules.test.yml", ALERTS / "fleetgate.slo.test.yml")
+RULE_TESTS = (ALERTS / "fleetgate.rules.test.yml", ALERTS / "fleetgate.slo.test.yml",
+              ALERTS / "fleetgate.quiet.test.yml")
 ALERTMANAGER = ALERTS / "alertmanager.yml"
 DASHBOARD = REPO / "dashboards" / "fleetgate.json"
 RUNBOOKS = REPO / "docs" / "runbooks.md"

@@ -230,7 +230,8 @@ async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nu
         "badip": ("start_error", "not an IP address: '192.168.0.999'"),
         "nofield": ("start_error", "JSON answer has no string field 'vm_ip'"),
         "hang": ("backend_unreachable", "failed (2 times): no answer within 1 s"),
-        "fail503": ("backend_unreachable", "failed (3 times): HTTP 503: '<html><body><h1>503 Service Unavailable"),
+        # An answer, even 5xx, is not "unreachable": on-call looks at the API, not the network (issue 14).
+        "fail503": ("backend_error", "answered HTTP 503 (3 times): HTTP 503: '<html><body><h1>503 Service Unavailable"),
         "down": ("backend_unreachable", "failed (3 times): ConnectError"),
     }
     results = {}
@@ -242,7 +243,8 @@ async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nu
         async with trio.open_nursery() as clients:
             for kind in BAD:
                 clients.start_soon(attempt, kind)
-    shown = {"start_error": "the API's start answer is unusable (error id ", "backend_unreachable": " failed ("}
+    shown = {"start_error": "the API's start answer is unusable (error id ", "backend_unreachable": " failed (",
+             "backend_error": " answered HTTP 503 ("}
     for kind, (reason, words) in expected.items():
         r = results[kind]
         assert r.returncode == 255, (kind, r.out, r.err)
@@ -252,10 +254,16 @@ async def test_garbage_hang_5xx_and_refused_are_clear_wake_failures(tmp_path, nu
         error_id = re.search(r"\(error id ([0-9a-f]{8})\)", r.err).group(1)
         assert any(f"error_id={error_id}" in line and words in line for line in caplog.text.splitlines()), kind
         assert fleet.metric("fleetgate_wake_failures_total", backend=f"api-{kind}", reason=reason) == 1, kind
-        other = "start_error" if reason == "backend_unreachable" else "backend_unreachable"
-        assert fleet.metric("fleetgate_wake_failures_total", backend=f"api-{kind}", reason=other) == 0, kind
+        for other in {"start_error", "backend_unreachable", "backend_error"} - {reason}:
+            assert fleet.metric("fleetgate_wake_failures_total", backend=f"api-{kind}", reason=other) == 0, kind
         assert fleet.machine(kind).state.value == "failed"
     assert api.count("hang") == 2 and api.count("fail503") == 3
+    # Every request is visible, retries included, by the class of its answer (none: no answer at all).
+    requests = {(kind, cls): fleet.metric("fleetgate_backend_requests_total", backend=f"api-{kind}", op="start",
+                                          status_class=cls) or 0 for kind in BAD for cls in ("none", "2xx", "5xx")}
+    assert requests[("fail503", "5xx")] == 3 and requests[("fail503", "none")] == 0
+    assert requests[("down", "none")] == 3 and requests[("hang", "none")] == 2
+    assert requests[("html", "2xx")] == 1
     # A second try within the failure cooldown is told so, and does not hammer the API again.
     r = await run(fleet.ssh("tester+hang", "true"))
     assert r.returncode == 255 and "fleetgate retries in" in r.err, r.err

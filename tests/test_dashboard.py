@@ -102,3 +102,31 @@ def test_lint_catches_what_it_should() -> None:
     assert lint_expr("sum(fleetgate_boot_latency_seconds_bucket)", known)
     assert lint_expr("rate(fleetgate_wake_total[5m])", known) == ["unknown metric fleetgate_wake_total"]
     assert lint_expr("rate(fleetgate_wakes_total[5m]) / on() group_left fleetgate_machine_state", known) == []
+
+
+def test_gateways_up_counts_only_fleetgate_targets_and_shows_down_ones() -> None:
+    """Issue 14, defect 1: "All" must not become `.+` (every job's targets, Prometheus itself included),
+    and the instance list comes from `up`, so a gateway that is down is still listed and counted."""
+    variables = {v["name"]: v for v in DASH["templating"]["list"]}
+    assert "allValue" not in variables["job"], "All = the fleetgate jobs listed, not every job"
+    assert "allValue" not in variables["instance"]
+    m = LABEL_VALUES.match(variable_query(variables["instance"]))
+    assert m and m.group("match").startswith("up{"), "a down gateway has no fresh fleetgate_* series; up has"
+    [panel] = [p for p in data_panels(DASH) if p["title"] == "Gateways up / down"]
+    legends = {t["legendFormat"]: t["expr"] for t in panel["targets"]}
+    assert set(legends) == {"up", "down"}
+
+
+def test_cooldown_is_left_out_everywhere_failures_are_counted() -> None:
+    exprs = [expr for _, _, expr in QUERIES if "fleetgate_wake_failures_total" in expr]
+    assert exprs and all('reason!="cooldown"' in e for e in exprs), exprs
+
+
+def test_operator_panels_of_issue_14() -> None:
+    used = {s.name for _, _, expr in QUERIES for s in selectors(interpolate(expr, LINT_VALUES))}
+    for name in ("fleetgate_config_last_reload_successful", "fleetgate_config_last_reload_success_timestamp_seconds",
+                 "fleetgate_keep_awake_leases", "fleetgate_machine_lost_total", "fleetgate_passthrough_refusals_total",
+                 "fleetgate_machine_running_seconds_total", "fleetgate_time_to_shell_seconds_bucket",
+                 "fleetgate_unauthenticated_connections", "fleetgate_backend_requests_total"):
+        assert name in used, f"no panel shows {name}"
+    assert any("by (cause)" in e for _, _, e in QUERIES), "no panel shows why machines woke"

@@ -117,6 +117,9 @@ class Backend:
         # Set by the Fleet: a backend that notices a machine died by itself (its process
         # exited, its tunnel dropped) calls this with the machine name, from trio code.
         self.on_machine_exited: Callable[[str], None] = lambda name: None
+        # Set by the Fleet: backends that make several requests per call (HTTP retries) report
+        # each one with the class of its answer (2xx..5xx, or none), for fleetgate_backend_requests_total.
+        self.on_request: Callable[[str, str], None] = lambda op, status_class: None
 
     def progress_note(self, machine: MachineConfig) -> str | None:
         """Extra words for the user's progress line while this machine starts (e.g. a queue)."""

@@ -5,8 +5,11 @@ text, so both are accepted; anything else (an HTML error page from a proxy, an e
 a malformed IP, JSON without the field) is a wake failure with the reason in words, never
 a crash. Connection errors, timeouts and 5xx are retried with backoff because VM APIs are
 often behind a reverse proxy that hiccups while the hypervisor is busy; when retries run
-out the reason is `backend_unreachable`, so alerts can tell "the API is down" from "the
-API answered nonsense" (`start_error`).
+out the reason is `backend_unreachable` if the API never answered (connect errors, timeouts)
+and `backend_error` if it answered 5xx, so alerts can tell "the API is down" (look at the
+network) from "the API is broken" (look at the API) and from "the API answered nonsense"
+(`start_error`). Every attempt, retries included, is reported to `on_request` with the class
+of its answer (`none` for no answer), which the fleet counts in fleetgate_backend_requests_total.
 
 The bearer token is read from a file or an environment variable at each call (so it can be
 rotated without a reload) and never appears in a log line or an error message. Some APIs take
@@ -253,6 +256,7 @@ class HttpBackend(Backend):
                          op, machine.name, attempt + 1, delay, problem)
                 await trio.sleep(delay)
             status, answer, problem = await self._attempt(client, method, url, shown, headers, body, error_reason)
+            self.on_request(op, f"{status // 100}xx" if status is not None and 200 <= status < 600 else "none")
             if status is None or status >= 500:
                 continue
             log.info("http backend op=%s machine=%s %s %s -> %d", op, machine.name, method, shown, status)
@@ -261,6 +265,9 @@ class HttpBackend(Backend):
                                    detail=f"{method} {shown} answered HTTP {status}: {snippet(answer)}")
             return answer
         tries = "once" if self.retries == 0 else f"{self.retries + 1} times"
+        if status is not None:  # it answered, with 5xx: the API is broken, not out of reach
+            raise BackendError(f"{method} {public} answered HTTP {status} ({tries})", "backend_error",
+                               detail=f"{method} {shown} answered HTTP {status} ({tries}): {problem}")
         raise BackendError(f"{method} {public} failed ({tries})", "backend_unreachable",
                            detail=f"{method} {shown} failed ({tries}): {problem}")
 
