@@ -93,7 +93,7 @@ class AdminAPI:
                 return _json(200, {"machine": name, "keep_awake_seconds": seconds})
             if action == "wake":
                 try:
-                    lease = await self.fleet.acquire(name)
+                    lease = await self.fleet.acquire(name, cause="keep_awake")  # an operator asked for it
                 except WakeError as exc:
                     return _json(409, {"error": exc.message, "reason": exc.reason})
                 lease.release()

@@ -27,6 +27,7 @@ from .metrics import Metrics
 from .reaper import Reaper
 from .store import build_store
 from .routing import Router, TableRouter
+from .webhook import Webhooks
 from .ssh import bridge, internals
 from .ssh.server import Gateway
 
@@ -79,6 +80,23 @@ class App:
         self.sockets = sockets or []
         self.metrics = Metrics()
         self._backends: dict[str, Backend] = {}
+        self._webhooks: Webhooks | None = None
+        self._old_webhooks: list[Webhooks] = []  # replaced by a reload; closed at shutdown
+
+    def build_router(self, config: Config) -> Router:
+        """[routing]: the TOML table or the webhook service (fleetgate/webhook.py); the webhook
+        client and its caches are kept across reloads while [routing] is unchanged."""
+        rc = config.routing
+        if rc.url is None and rc.keys_url is None:
+            return TableRouter(config.users, config.machines)
+        if self._webhooks is None or self._webhooks.config != rc:
+            if self._webhooks is not None:
+                self._old_webhooks.append(self._webhooks)
+            self._webhooks = Webhooks(rc, lambda kind, result, seconds:
+                                      self.metrics.webhook_calls.labels(kind, result).observe(seconds))
+        if rc.webhook:
+            return self._webhooks.router(config.machines)
+        return TableRouter(config.users, config.machines, keys=self._webhooks.keys)
 
     def reload(self) -> bool:
         """Re-read the config file (SIGHUP). New users, machines and routes apply to new
@@ -95,7 +113,7 @@ class App:
             return self._reload_failed()
         try:
             backends = build_backends(new, self._backends)
-            prepared = running.gateway.prepare(new, TableRouter(new.users, new.machines))
+            prepared = running.gateway.prepare(new, self.build_router(new))
         except Exception as exc:  # a file changed under check's feet, a key that parses but does not load...
             log.error("reload rejected at apply time, old config stays in force: error=%s: %s",
                       type(exc).__name__, exc)
@@ -112,6 +130,7 @@ class App:
         self.config = new
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_reload_ok.set(1)
+        self.metrics.config_last_reload_success.set_to_current_time()
         log.info("config reloaded users=%d machines=%d", len(new.users), len(new.machines))
         return True
 
@@ -201,7 +220,7 @@ class App:
                 fleet = Fleet(self.config.machines, backends, self.metrics, nursery, store=store)
                 await fleet.reconcile()
                 audit = AuditLog(self.config.audit_file, self.metrics)
-                gateway = Gateway(self.config, fleet, TableRouter(self.config.users, self.config.machines),
+                gateway = Gateway(self.config, fleet, self.build_router(self.config),
                                   self.metrics, audit)
                 gateway.inherited_sockets = self.sockets
                 metrics_port = None
@@ -230,5 +249,7 @@ class App:
                                 await fleet.stop_all()
                         for b in {*backends.values(), *self._backends.values()}:
                             await b.aclose()
+                        for w in [*self._old_webhooks, *([self._webhooks] if self._webhooks else [])]:
+                            await w.aclose()
                         audit.close()
                     nursery.cancel_scope.cancel()

@@ -26,6 +26,7 @@ from .settings import (
     BackendConfig,
     MachineConfig,
     PassthroughConfig,
+    RoutingConfig,
     Config,
     parse_host_port,
 )
@@ -48,6 +49,7 @@ DURATION_MAX = {
     "login_grace": 3600.0, "keepalive_interval": 3600.0, "kexinit_wait": math.inf, "reconcile_interval": DAY,
     "drain_timeout": DAY, "boot_timeout": DAY, "idle_timeout": 365 * DAY, "min_uptime": 365 * DAY,
     "stop_timeout": DAY, "cert_validity": math.inf, "penalty_window": 30 * DAY, "penalty_duration": 30 * DAY,
+    "timeout": math.inf, "cache_ttl": DAY,
 }
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([smhd]?)\s*$")
@@ -397,6 +399,77 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
     )
 
 
+ROUTING_KEYS = {"type", "url", "keys_url", "timeout", "cache_ttl", "cache_size", "token_file", "ca_file",
+                "cert_file", "key_file"}
+
+
+def _check_url(value: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(value)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return f"'{value}' is not an http:// or https:// URL"
+    if u.username or u.password:
+        return "must not carry credentials; give the service's bearer token in token_file instead"
+    return None
+
+
+def _parse_routing(r: _Reader, doc: Mapping[str, Any]) -> RoutingConfig:
+    """[routing]: the TOML table, or the team's own HTTP service (docs/webhooks.md)."""
+    t = r.table(doc, "routing", "")
+    r.unknown_keys(t, ROUTING_KEYS, "routing.")
+    p = "routing."
+    rtype = r.get(t, "type", p, str, "table", check=lambda v: None if v in ("table", "webhook") else
+                  f"must be 'table' (the [users.NAME] tables) or 'webhook' (ask the service at routing.url), got '{v}'")
+    url = r.get(t, "url", p, str, check=_check_url)
+    keys_url = r.get(t, "keys_url", p, str, check=_check_url)
+    if rtype == "webhook" and url is None and "url" not in t:
+        r.error("routing.url", "missing; type = \"webhook\" needs the routing service's URL "
+                               "(e.g. \"https://inventory.example.org/fleetgate/route\")")
+    if rtype == "table" and url is not None:
+        r.error("routing.url", "given with type = \"table\"; set type = \"webhook\" to ask this service, "
+                               "or remove it")
+    files = {}
+    for key in ("token_file", "ca_file", "cert_file", "key_file"):
+        path = r.path(r.get(t, key, p, str))
+        if path is not None and not path.is_file():
+            r.error(f"{p}{key}", f"no such file {path}")
+            path = None
+        files[key] = path
+    if files["key_file"] is not None and files["cert_file"] is None:
+        r.error("routing.key_file", "given without routing.cert_file (the TLS client certificate it belongs to)")
+    for key in ("token_file", "key_file"):
+        if files[key] is not None:
+            _check_private_mode(r, files[key], f"{p}{key}")
+    token = None
+    if files["token_file"] is not None:
+        try:
+            token = files["token_file"].read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            r.error("routing.token_file", f"cannot read {files['token_file']}: {exc}")
+        else:
+            if not token or any(c.isspace() or not c.isprintable() for c in token):
+                r.error("routing.token_file", f"{files['token_file']} must hold one bearer token "
+                                              f"(printable, no spaces) on one line")
+                token = None
+    uses_tls_files = any(files[k] is not None for k in ("ca_file", "cert_file"))
+    if uses_tls_files and not any(u and u.startswith("https://") for u in (url, keys_url)):
+        r.error("routing.ca_file" if files["ca_file"] else "routing.cert_file",
+                "TLS files given but neither routing.url nor routing.keys_url is https://")
+    if "url" not in t and "keys_url" not in t and any(k in t for k in ROUTING_KEYS - {"type"}):
+        r.error("routing", "webhook options given but no routing.url nor routing.keys_url to use them with")
+    positive_int = (lambda v: None if v >= 1 else f"must be 1 or more, got {v}")
+    return RoutingConfig(
+        type=rtype or "table", url=url, keys_url=keys_url,
+        timeout=r.get(t, "timeout", p, float, 2.0, check=lambda v: None if 0.1 <= v <= 30 else
+                      f"must be between 0.1 and 30 seconds (a login waits this long for the service), got {v:g}"),
+        cache_ttl=r.get(t, "cache_ttl", p, float, 60.0, check=_non_negative),
+        cache_size=r.get(t, "cache_size", p, int, 10000, check=positive_int),
+        token=token, token_file=files["token_file"], ca_file=files["ca_file"], cert_file=files["cert_file"],
+        key_file=files["key_file"],
+    )
+
+
 def _parse_passthrough(r: _Reader, doc: Mapping[str, Any]) -> PassthroughConfig:
     t = r.table(doc, "passthrough", "")
     r.unknown_keys(t, {"per_source_per_minute"}, "passthrough.")
@@ -416,7 +489,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     r = _Reader(file, base_dir or Path.cwd())
     r.unknown_keys(doc, {"gateway", "metrics", "users", "user_ca", "backends", "machines", "passthrough", "audit",
-                         "limits", "store"}, "")
+                         "limits", "store", "routing"}, "")
 
     # [gateway]
     g = r.table(doc, "gateway", "", required=True)
@@ -621,6 +694,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             password_passthrough=r.get(mc, "password_passthrough", prefix, bool, False),
         )
 
+    routing = _parse_routing(r, doc)
+
     # [users.NAME]
     users: dict[str, UserConfig] = {}
     machines_doc = doc.get("machines") if isinstance(doc.get("machines"), dict) else {}
@@ -641,7 +716,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                 r.error(f"{prefix}authorized_keys[{i}]" if i < n_inline else f"{prefix}authorized_keys_file", problem)
         ms = r.str_list(u, "machines", prefix, required=True)
         password_only = bool(ms) and all(machines[m].password_passthrough for m in ms if m in machines)
-        if not keys and not ca_keys and not password_only:
+        if not keys and not ca_keys and not password_only and routing.keys_url is None:
             r.error(f"{prefix}authorized_keys", "missing; give the user's public keys, or configure [user_ca] keys")
         if "machines" in u and not ms:
             r.error(f"{prefix}machines", "must name at least one machine (the first is the default)")
@@ -651,7 +726,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                 r.error(f"{prefix}machines", f"no machine named '{mname}'; known: {known}")
         users[name] = UserConfig(name, tuple(keys), ms)
 
-    if not users:
+    if not users and not routing.webhook:
         r.error("users", "no users; add a [users.NAME] table with authorized_keys and machines")
 
     passthrough = _parse_passthrough(r, doc)
@@ -678,4 +753,5 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         audit_file=audit_file,
         limits=limits,
         store=store,
+        routing=routing,
     )

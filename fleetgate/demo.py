@@ -44,11 +44,14 @@ def _known_host_names(port: int) -> list[str]:
 
 
 def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: float = 0.0,
-            idle_timeout: float | None = None, min_uptime: float | None = None, isolation: str = "auto") -> Path:
+            idle_timeout: float | None = None, min_uptime: float | None = None, isolation: str = "auto",
+            broken: bool = False) -> Path:
     """Write keys and fleetgate.toml under state_dir; return the config path.
 
     isolation: "auto" (isolate where this host allows it, else opt in to "none"), "namespaces"
-    (always; serve refuses where it cannot) or "none" (machines run as the gateway's account)."""
+    (always; serve refuses where it cannot) or "none" (machines run as the gateway's account).
+    broken: also a machine `broken` whose sshd is /bin/false, that alice may log in to
+    (`alice+broken`): the documented way to make a wake fail (`fleetgate demo --monitoring`)."""
     d = state_dir
     d.mkdir(parents=True, exist_ok=True)
     host_key = ensure_key(d / "gateway_host_key", "fleetgate-demo-gateway")
@@ -93,17 +96,26 @@ host_key_file = "machines/{name}/ssh_host_ed25519_key"
 authorized_keys_file = "machines/{name}/authorized_keys"
 boot_timeout = {max(30.0, boot_delay + 30):g}
 {timeouts}""")
+    if broken:  # every wake fails with start_error: the sshd exits at once
+        alice = machines[0].replace("[machines.alice]", "[machines.broken]").replace('backend = "local"',
+                                                                                     'backend = "broken"')
+        ports.setdefault("broken", _free_port())
+        alice = alice.replace(f"port = {ports['alice']}\n", f"port = {ports['broken']}\n")
+        machines.append(alice)
     (d / "known_hosts").write_text("".join(line + "\n" for line in known))
     ports_file.write_text("".join(f"{k}={v}\n" for k, v in ports.items()))
     users = "".join(f"""
 [users.{name}]
 authorized_keys_file = "client_key.pub"
-machines = ["{name}"]
+machines = ["{name}"{', "broken"' if broken and name == "alice" else ""}]
 """ for name in DEMO_USERS)
     isolation = "" if problem is None else (
         f'# Machines are not isolated ({problem}):\n'
         f'# every demo machine runs as {me}, the gateway\'s own account.\nisolation = "none"\n')
     metrics = f'\n[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port is not None else ""
+    broken_backend = "" if not broken else (
+        '\n# fleetgate demo --monitoring: a machine whose wake always fails (its "sshd" exits at once)\n'
+        f'[backends.broken]\ntype = "process"\nsshd = "/bin/false"\n{isolation}')
     text = f"""# Written by `fleetgate demo`; an ordinary fleetgate config (see docs/config.example.toml).
 [gateway]
 listen = ["127.0.0.1:{port}"]
@@ -114,7 +126,7 @@ state_dir = "state"
 [backends.local]
 type = "process"
 start_delay = {boot_delay:g}
-{isolation}{''.join(machines)}{users}"""
+{isolation}{broken_backend}{''.join(machines)}{users}"""
     cfg = d / "fleetgate.toml"
     cfg.write_text(text)
     return cfg

@@ -20,6 +20,7 @@ import enum
 import logging
 import secrets
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Mapping, TypeVar
 
@@ -61,6 +62,7 @@ class _Wake:
     done: trio.Event = field(default_factory=trio.Event)
     error: WakeError | None = None
     started: float = 0.0
+    cause: str = "login"  # fleetgate_wakes_total{cause}: login, keep_awake, schedule, passthrough
 
 
 class Machine:
@@ -94,6 +96,7 @@ class Machine:
         # The backend cannot tell this machine's state (an HTTP API without status_url): since
         # when. It may be running (a gateway restart forgot it), so the reaper stops it when idle.
         self.unknown_since: float | None = None
+        self.powered_since: float | None = None  # trio time the running-seconds counter was last brought up to
 
     def typical_boot(self) -> float | None:
         return statistics.median(self.boot_history) if self.boot_history else None
@@ -140,6 +143,8 @@ class Fleet:
         for name, mc in machines.items():
             backend = backends[mc.backend]
             backend.on_machine_exited = self.machine_exited
+            backend.on_request = (lambda op, cls, _b=backend.name:
+                                  self.metrics.backend_requests.labels(_b, op, cls).inc())
             m = self.machines.get(name)
             if m is None:
                 self.machines[name] = Machine(mc, backend)
@@ -153,10 +158,30 @@ class Fleet:
                     m.backend = backend
                 else:
                     m.pending_backend = backend
+        self.configured = set(machines)
         for name in set(self.machines) - set(machines):
+            if self.machines[name].state in (State.STOPPED, State.UNKNOWN, State.FAILED) \
+                    and not self.machines[name].sessions:
+                self.forget(name)
+                continue
             log.warning("machine removed from config machine=%s state=%s sessions=%d: no new connections; "
                         "the reaper stops it when idle", name, self.machines[name].state.value,
                         self.machines[name].sessions)
+
+    def forget(self, name: str) -> None:
+        """A machine left the config and runs no more: drop it and its per-machine series."""
+        m = self.machines.pop(name)
+        log.info("machine forgotten machine=%s (removed from the config, %s)", name, m.state.value)
+        self.metrics.remove_machine(name)
+
+    def account_running(self, m: Machine) -> None:
+        """Bring fleetgate_machine_running_seconds_total up to now (state changes and reaper passes)."""
+        now = trio.current_time()
+        if m.powered_since is not None:
+            self.metrics.machine_running_seconds.labels(m.name).inc(max(0.0, now - m.powered_since))
+        m.powered_since = now if m.state in (State.STARTING, State.RUNNING, State.STOPPING) else None
+        if m.sessions:
+            self.metrics.machine_last_activity.labels(m.name).set(time.time())
 
     # -- state ---------------------------------------------------------------------------
 
@@ -164,6 +189,7 @@ class Fleet:
         if m.state is not state:
             log.info("machine state machine=%s %s -> %s", m.name, m.state.value, state.value)
             m.state = state
+            self.account_running(m)
             m.unknown_since = None
             if state is State.STOPPED and m.pending_backend is not None:
                 m.backend, m.pending_backend = m.pending_backend, None
@@ -208,6 +234,7 @@ class Fleet:
             if power is PowerState.RUNNING and before is not State.RUNNING:
                 m.address = address
                 m.started_at = m.last_activity = trio.current_time()
+                self.metrics.machine_last_activity.labels(m.name).set(time.time())
                 log.info("adopted running machine=%s (full idle grace)", m.name)
                 self._set_state(m, State.RUNNING)
             elif power is PowerState.STOPPED and before is not State.STOPPED:
@@ -227,8 +254,10 @@ class Fleet:
             return f"fleetgate: starting {m.name} ({m.backend.config.type}){usual}{note}"
         return f"fleetgate: starting {m.name} ({m.backend.config.type}) ... {elapsed:.0f} s{usual}{note}"
 
-    async def acquire(self, name: str, progress: Progress | None = None) -> Lease:
-        """Wait until the machine runs (waking it if needed) and hold it with a lease."""
+    async def acquire(self, name: str, progress: Progress | None = None, cause: str = "login") -> Lease:
+        """Wait until the machine runs (waking it if needed) and hold it with a lease.
+
+        `cause` labels the wake this may start (login, passthrough, keep_awake)."""
         m = self.machines[name]
         said_stopping = False
         while True:
@@ -256,11 +285,11 @@ class Fleet:
                     self.metrics.wake_failures.labels(m.backend.name, "cooldown").inc()
                     raise WakeError("cooldown", f"{m.failure.message}; fleetgate retries in {left:.0f} s")
             if m.state in (State.STOPPED, State.FAILED, State.UNKNOWN):
-                self._begin_wake(m)
+                self._begin_wake(m, cause)
             await self._wait_wake(m, progress)
 
-    def _begin_wake(self, m: Machine) -> None:
-        m.wake = _Wake(started=trio.current_time())
+    def _begin_wake(self, m: Machine, cause: str) -> None:
+        m.wake = _Wake(started=trio.current_time(), cause=cause)
         self._set_state(m, State.STARTING)
         self._nursery.start_soon(self._run_shared_wake if self.shared else self._run_wake, m, m.wake)
 
@@ -305,8 +334,9 @@ class Fleet:
             m.boot_history.append(latency)
             m.address = address
             m.started_at = m.last_activity = now
+            self.metrics.machine_last_activity.labels(m.name).set(time.time())
             self.metrics.boot_latency.labels(bname).observe(latency)
-            self.metrics.wakes.labels(bname, "success").inc()
+            self.metrics.wakes.labels(bname, "success", wake.cause).inc()
             log.info("machine ready machine=%s backend=%s boot_seconds=%.2f address=%s", m.name, bname, latency, address)
             if self.shared:
                 # Record "running" (and drop our start claim) before anyone uses it, so the other
@@ -328,7 +358,9 @@ class Fleet:
             self._set_state(m, State.RUNNING)
             wake.done.set()
             return
-        self.metrics.wakes.labels(bname, "failure").inc()
+        self.metrics.wakes.labels(bname, "failure", wake.cause).inc()
+        if error.reason == "boot_timeout":  # so that the histogram's p95 does not leave the slowest out
+            self.metrics.boot_latency.labels(bname).observe(now - t0)
         self.metrics.wake_failures.labels(bname, error.reason).inc()
         log.warning("wake failed machine=%s backend=%s reason=%s seconds=%.2f error_id=%s detail=%s",
                     m.name, bname, error.reason, now - t0, getattr(error, "error_id", None) or "-",
@@ -364,6 +396,7 @@ class Fleet:
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
         self._sessions_changed(m)
         self.metrics.machine_idle.labels(m.name).set(0)
+        self.metrics.machine_last_activity.labels(m.name).set(time.time())
         return Lease(self, m)
 
     def _release(self, m: Machine) -> None:
@@ -371,6 +404,7 @@ class Fleet:
         assert m.sessions >= 0, m.name
         if m.sessions == 0:
             m.last_activity = trio.current_time()
+            self.metrics.machine_last_activity.labels(m.name).set(time.time())
             if self.shared:
                 self._kick_hold_sync(m)  # never blocks: release() is called from asyncio callbacks
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
@@ -423,17 +457,17 @@ class Fleet:
             until_store = self.store.now() + seconds
             self._nursery.start_soon(self._store_retry, "keep-awake", m.name,
                                      lambda: self.store.put_keep(m.name, until_store))
-        self.wake_in_background(name)
+        self.wake_in_background(name, cause="keep_awake")
         return m.keep_until
 
     def _update_lease_gauge(self, m: Machine) -> None:
         self.metrics.leases.labels(m.name).set(1 if m.keep_until > trio.current_time() else 0)
 
-    def wake_in_background(self, name: str) -> None:
+    def wake_in_background(self, name: str, cause: str = "schedule") -> None:
         """Start a wake nobody waits for (keep-awake, warm schedules); failures are counted as usual."""
         m = self.machines[name]
         if m.state in (State.STOPPED, State.UNKNOWN) or (m.state is State.FAILED and self._cooldown_left(m) <= 0):
-            self._begin_wake(m)
+            self._begin_wake(m, cause)
 
     @staticmethod
     def _cooldown_left(m: Machine) -> float:

@@ -16,8 +16,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol
 
+import trio
+
 from .errors import FleetgateError, RoutingError, UpstreamError, WakeError
-from .routing import Router, Target, split_login
+from .routing import LoginInfo, Router, Target, split_login
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +57,30 @@ class Session:
 async def log_in(login: str, *, router: Router, fleet: Fleet, connect: Connect,
                  progress: Progress | None = None, password: str | None = None,
                  still_wanted: Callable[[], bool] = lambda: True,
-                 upstream_failed: Callable[[str], None] = lambda reason: None) -> Session:
+                 upstream_failed: Callable[[str], None] = lambda reason: None,
+                 info: LoginInfo | None = None,
+                 connected: Callable[[float], None] = lambda seconds: None,
+                 ready: Callable[[bool, float], None] = lambda woke, seconds: None) -> Session:
     """Route, wake and connect upstream for an authenticated `login` (`alice` or `alice+box2`).
 
     With a password (opt-in passthrough) the machine's sshd is the judge of it, so its
     refusal is `password_rejected`, a failed attempt like any other, not an error.
     `still_wanted()` is asked after each wait: a client that left gets nothing held.
+    `info` (source address, key) is passed to the router: a webhook router sends it on.
+    Timings for the metrics: `connected(seconds)` after each successful upstream login, and
+    `ready(woke, seconds)` once, from authentication to the session being ready, with whether
+    the machine was not running when we asked for it (a wake was, or was already being, needed).
     """
+    t0 = trio.current_time()
     user, want = split_login(login)
     try:
-        target = await router.route(user, want)
+        target = await router.route(user, want, info)
     except RoutingError as exc:
         log.info("routing refused user=%s target=%s", user, want)
         raise Refused("routing_refused", exc.message) from None
+    woke = False
     for attempt in (1, 2):
+        woke = woke or getattr(fleet.machines[target.machine].state, "value", None) != "running"
         try:
             lease = await fleet.acquire(target.machine, progress)
         except WakeError as exc:
@@ -78,6 +90,7 @@ async def log_in(login: str, *, router: Router, fleet: Fleet, connect: Connect,
             lease.release()
             raise Refused("gone", "fleetgate: the client left")
         address = fleet.machines[target.machine].address
+        t_connect = trio.current_time()
         try:
             upstream = await connect(target, address, password)
         except BaseException as exc:
@@ -95,5 +108,8 @@ async def log_in(login: str, *, router: Router, fleet: Fleet, connect: Connect,
             log.warning("upstream failed user=%s machine=%s reason=%s detail=%s",
                         user, target.machine, exc.reason, exc.message)
             raise Refused("upstream_failed", exc.message) from None
+        now = trio.current_time()
+        connected(now - t_connect)
+        ready(woke, now - t0)
         return Session(target, lease, upstream)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -1,24 +1,38 @@
 """Every metric fleetgate exports, defined once.
 
-Labels are bounded on purpose: backend, reason, result, op, phase, kind, direction, and
-a machine label only on per-machine gauges. Never a user, an address or a session id:
+Labels are bounded on purpose: backend, reason, result, op, cause, status_class, kind, direction,
+wake, and a machine label only on per-machine series. Never a user, an address or a session id:
 those belong in the audit log, not in a time series per value.
 """
 
 from __future__ import annotations
 
+import logging
+import platform
+import subprocess
+from typing import Callable
+from pathlib import Path
+
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector)
 
 from . import __version__
+
+log = logging.getLogger(__name__)
 
 prometheus_client.disable_created_metrics()
 
 BOOT_BUCKETS = (0.5, 1, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
-CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Up to 5 min: a start call may legitimately take as long as a boot (issue 14).
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Authentication to a session: instant for a running machine, a boot for a stopped one.
+SHELL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SESSION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 3600, 24 * 3600)
 
-WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "stop_failed", "cooldown",
+WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "backend_error", "stop_failed",
+                        "cooldown",
                         "store_unavailable",
                         # libvirt / ec2: the API's rate limit, no capacity, the machine no longer exists
                         "throttled", "no_capacity", "machine_gone")
@@ -29,7 +43,42 @@ CONNECTION_RESULTS = ("authenticated", "auth_failed", "preauth_timeout", "routin
 CHANNEL_KINDS = ("session", "jump", "forward", "remote_forward")
 CHANNEL_RESULTS = ("ok", "refused", "wake_failed", "connect_failed", "limit")
 BACKEND_OPS = ("start", "stop", "status", "address")
+# Why a wake was started (fleetgate_wakes_total{cause}); the first is the default.
+WAKE_CAUSES = ("login", "keep_awake", "schedule", "passthrough")
+# HTTP backends: the class of an error answer; "none" for calls that got no HTTP answer.
+STATUS_CLASSES = ("none", "2xx", "3xx", "4xx", "5xx")
+
+
+def _revision() -> str:
+    """The git commit of a source checkout, or "unknown" (installed from a wheel)."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return r.stdout.strip() if r.returncode == 0 and r.stdout.strip() else "unknown"
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+BUILD_INFO: dict[str, str] = {}
+
+
+def build_labels() -> dict[str, str]:
+    if not BUILD_INFO:
+        BUILD_INFO.update(version=__version__, revision=_revision(), python=platform.python_version(),
+                          asyncssh=_version_of("asyncssh"))
+    return BUILD_INFO
 STORE_OPS = ("range", "txn", "lease_grant", "lease_keepalive", "lease_revoke")
+WEBHOOK_KINDS = ("route", "keys")
+WEBHOOK_RESULTS = ("ok", "refused", "timeout", "error", "bad_answer")
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
@@ -38,10 +87,15 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         r = self.registry = registry or CollectorRegistry()
+        self.before_scrape: list[Callable[[], None]] = []  # called by exposition(), in the event loop
         self.build_info = Info("fleetgate_build", "Version of the running fleetgate.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info(build_labels())
+        # process_* (CPU, RSS, open descriptors, start time) and python_info, as a default registry has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.boot_latency = Histogram(
-            "fleetgate_boot_latency_seconds", "Time from the backend start call to the machine's SSH banner.",
+            "fleetgate_boot_latency_seconds", "Time from the backend start call to the machine's SSH banner "
+            "(wakes that timed out are observed at their timeout).",
             ["backend"], buckets=BOOT_BUCKETS, registry=r)
         self.active_sessions = Gauge(
             "fleetgate_active_sessions", "Connections and channels currently holding a machine awake.",
@@ -50,8 +104,9 @@ class Metrics:
             "fleetgate_wake_failures", "Wakes that did not give the user a ready machine, by reason.",
             ["backend", "reason"], registry=r)
         self.wakes = Counter(
-            "fleetgate_wakes", "Backend start attempts (one per wake, however many clients wait), by result.",
-            ["backend", "result"], registry=r)
+            "fleetgate_wakes", "Backend start attempts (one per wake, however many clients wait), by result "
+            "and cause (login, keep_awake, schedule, passthrough).",
+            ["backend", "result", "cause"], registry=r)
         self.reaper_stops = Counter(
             "fleetgate_reaper_stops", "Machines stopped by the idle reaper, by result.",
             ["backend", "result"], registry=r)
@@ -68,6 +123,10 @@ class Metrics:
         self.backend_calls = Histogram(
             "fleetgate_backend_call_duration_seconds", "Duration of backend calls by backend, operation and result.",
             ["backend", "op", "result"], buckets=CALL_BUCKETS, registry=r)
+        self.backend_requests = Counter(
+            "fleetgate_backend_requests", "HTTP requests sent by HTTP backends, retries included, by op and the "
+            "class of the answer (none: no answer, connect error or timeout).",
+            ["backend", "op", "status_class"], registry=r)
         self.relayed_bytes = Counter(
             "fleetgate_relayed_bytes", "Bytes relayed between users and machines.", ["direction", "mode"], registry=r)
         self.channels = Counter(
@@ -159,9 +218,44 @@ class Metrics:
         for kind in ("start", "stop"):
             for result in ("won", "lost", "performed"):
                 self.store_claims.labels(kind, result)
+        # Routing and authorized keys from the team's own service (docs/webhooks.md).
+        self.webhook_calls = Histogram(
+            "fleetgate_webhook_request_duration_seconds", "Requests to the routing / authorized-keys webhook, by "
+            "kind and result (ok, refused, timeout, error: unreachable or not HTTP 200, bad_answer).",
+            ["kind", "result"], buckets=CALL_BUCKETS, registry=r)
+        for kind in WEBHOOK_KINDS:
+            for result in WEBHOOK_RESULTS:
+                self.webhook_calls.labels(kind, result)
         self.replica_info = Info("fleetgate_replica", "This gateway replica's identity in the shared store.",
                                  registry=r)
         self.replica_info.info({"replica": "local", "store": "memory"})
+
+        # Issue 14: what operators asked for after a live Prometheus run.
+        self.machine_last_activity = Gauge(
+            "fleetgate_machine_last_activity_timestamp_seconds", "Unix time a machine's last session ended, or "
+            "now while sessions hold it (0 until known); idle time is time() minus this.", ["machine"], registry=r)
+        self.machine_running_seconds = Counter(
+            "fleetgate_machine_running_seconds", "Seconds the machine has been running (starting to stopped), "
+            "as seen by this gateway: the cost the idle reaper saves.", ["machine"], registry=r)
+        self.time_to_shell = Histogram(
+            "fleetgate_time_to_shell_seconds", "Time from a user's authentication to the session being ready "
+            "(machine held and upstream logged in), by whether a wake was needed.", ["wake"],
+            buckets=SHELL_BUCKETS, registry=r)
+        for wake in ("yes", "no"):
+            self.time_to_shell.labels(wake)
+        self.upstream_handshake = Histogram(
+            "fleetgate_upstream_handshake_seconds", "Duration of successful SSH logins from the gateway to "
+            "machines (connect, key exchange, authentication).", [], buckets=HANDSHAKE_BUCKETS, registry=r)
+        self.unauthenticated = Gauge(
+            "fleetgate_unauthenticated_connections", "SSH connections open that have not authenticated yet.",
+            registry=r)
+        self.unauthenticated_limit = Gauge(
+            "fleetgate_unauthenticated_connections_limit", "The configured limits.max_unauthenticated: when "
+            "reached, new connections evict the oldest unauthenticated ones.", registry=r)
+        self.config_last_reload_success = Gauge(
+            "fleetgate_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config "
+            "load or reload.", registry=r)
+        self.config_last_reload_success.set_to_current_time()  # a gateway's Metrics come with its first load
 
     def add_machine(self, machine: str, backend: str) -> None:
         """Start a machine's series (and its backend's counters) at 0."""
@@ -169,6 +263,9 @@ class Metrics:
             self.machine_state.labels(machine, state).set(0)
         self.active_sessions.labels(machine).set(0)
         self.machine_idle.labels(machine).set(0)
+        self.machine_last_activity.labels(machine)
+        self.leases.labels(machine).set(0)
+        self.machine_running_seconds.labels(machine)
         self.boot_latency.labels(backend)
         self.machine_lost.labels(backend)
         for op in BACKEND_OPS:
@@ -177,12 +274,33 @@ class Metrics:
         for reason in WAKE_FAILURE_REASONS:
             self.wake_failures.labels(backend, reason)
         for result in ("success", "failure"):
-            self.wakes.labels(backend, result)
+            for cause in WAKE_CAUSES:
+                self.wakes.labels(backend, result, cause)
             self.reaper_stops.labels(backend, result)
+
+    def remove_machine(self, machine: str) -> None:
+        """Delete a machine's per-machine series (it left the config and stopped)."""
+        for state in MACHINE_STATES:
+            _remove(self.machine_state, machine, state)
+        for family in (self.active_sessions, self.machine_idle, self.leases, self.machine_last_activity,
+                       self.machine_running_seconds):
+            _remove(family, machine)
 
     def set_state(self, machine: str, state: str) -> None:
         for s in MACHINE_STATES:
             self.machine_state.labels(machine, s).set(1 if s == state else 0)
 
     def exposition(self) -> bytes:
+        for hook in list(self.before_scrape):  # e.g. bytes relayed by open channels so far
+            try:
+                hook()
+            except Exception:  # a scrape must never fail for it
+                log.exception("metrics: a before-scrape hook failed")
         return prometheus_client.generate_latest(self.registry)
+
+
+def _remove(family, *labels: str) -> None:
+    try:
+        family.remove(*labels)
+    except KeyError:
+        pass

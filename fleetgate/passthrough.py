@@ -126,7 +126,7 @@ async def _serve_one(name: str, fleet: "Fleet", metrics: "Metrics", limiter: Rat
         return
     log.info("passthrough connection machine=%s peer=%s", name, peer)
     try:
-        lease = await fleet.acquire(name)
+        lease = await fleet.acquire(name, cause="passthrough")
     except WakeError as exc:
         # The peer is not authenticated: it gets no detail, the log does.
         log.info("passthrough refused machine=%s peer=%s reason=wake_failed detail=%s", name, peer, exc.message)

@@ -95,8 +95,12 @@ class Fleet:
 
     def metric(self, name: str, **labels: str) -> float:
         assert self.running is not None
-        value = self.running.metrics.registry.get_sample_value(name, labels)
-        return 0.0 if value is None else value
+        registry = self.running.metrics.registry
+        value = registry.get_sample_value(name, labels)
+        if value is None:  # labels left out (e.g. wakes' `cause`): the sum over them
+            value = sum(s.value for family in registry.collect() for s in family.samples
+                        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return value
 
 
 def make_fleet(tmp_path: Path, *, boot_delay: float = 0.0, patch: Callable[[dict], None] | None = None,

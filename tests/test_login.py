@@ -145,3 +145,18 @@ async def test_a_login_cancelled_during_the_upstream_handshake_holds_nothing(nur
         await log_in("alice", router=router("box1"), fleet=fleet, connect=slow_upstream)
         raise AssertionError("not cancelled")
     assert fleet.machines["box1"].state is State.RUNNING and fleet.machines["box1"].sessions == 0
+
+
+async def test_timings_say_whether_the_login_needed_a_wake(nursery, autojump_clock):
+    """time-to-shell (issue 14): from authentication to the session, split by wake; one upstream timing."""
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    ready: list[tuple[bool, float]] = []
+    connected: list[float] = []
+    for _ in range(2):
+        session = await log_in("alice", router=router("box1"), fleet=fleet, connect=Upstream(),
+                               connected=connected.append, ready=lambda woke, s: ready.append((woke, s)))
+        session.lease.release()
+    assert [woke for woke, _ in ready] == [True, False]  # the first woke box1, the second found it running
+    assert ready[0][1] > 0 and ready[1][1] == 0  # the fake boot takes (mock) time; a running machine none
+    assert len(connected) == 2

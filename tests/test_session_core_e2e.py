@@ -71,3 +71,23 @@ async def test_sighup_applies_new_ciphers_to_new_connections(tmp_path, nursery):
         assert await alice.close() == 0
     finally:
         await serve.kill()
+
+
+async def test_relayed_bytes_show_while_a_session_runs_and_are_counted_once(tmp_path, nursery):
+    fleet, cfg = make_fleet(tmp_path)
+    running = await start_gateway(nursery, fleet, cfg)
+    session = await _open(fleet, nursery)
+    up = lambda: fleet.metric("fleetgate_relayed_bytes_total", direction="up", mode="relay")  # noqa: E731
+    before = up()
+    chunk = b"x" * 65535 + b"\n"
+    for _ in range(4):
+        assert await session.echo(chunk) == chunk
+    running.metrics.exposition()  # a scrape: open channels are counted first
+    during = up() - before
+    assert during >= 4 * len(chunk)  # visible while the session is still open
+    assert await session.close() == 0
+    with trio.fail_after(20):
+        while running.gateway.connections:
+            await running.gateway.connections_changed.wait()
+    running.metrics.exposition()
+    assert up() - before == during  # the end of the channel adds only what came after the scrape (nothing)

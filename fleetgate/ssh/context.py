@@ -28,11 +28,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _key_lines(value: object) -> list:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 class Connection:
     """What the context needs of a live connection (FrontConnection implements it)."""
 
     def notify(self, text: str) -> None: ...
     def close(self) -> None: ...
+    def flush_bytes(self) -> None: ...
 
 
 class FrontContext:
@@ -45,12 +50,16 @@ class FrontContext:
         self.metrics = metrics
         self.tasks = AsyncioTasks("ssh-front")
         self.connections: set = set()
+        metrics.before_scrape.append(self.flush_bytes)
         self.user_connections: dict[str, int] = {}  # per-user connection slots (limits.max_connections_per_user)
         self.connections_changed = trio.Event()
         self.no_keys: frozenset[bytes] = frozenset()
         self.limiter = PreauthLimiter(config.limits or LimitsConfig(),
                                       count=lambda reason: metrics.preauth_refusals.labels(reason).inc())
         self.grace = GraceClock(config.gateway.login_grace)
+        # Read at scrape time, from whichever limiter a reload left in force.
+        metrics.unauthenticated.set_function(lambda: self.limiter.unauthenticated)
+        metrics.unauthenticated_limit.set_function(lambda: self.limiter.config.max_unauthenticated)
         self._password_limits: tuple[int, int] | None = None
         self.apply(config, router)
 
@@ -69,6 +78,11 @@ class FrontContext:
             "config": config, "router": router, "limits": limits,
             "user_keys": {name: frozenset(asyncssh.import_public_key(k).public_data for k in u.authorized_keys)
                           for name, u in config.users.items()},
+            # Devices (backend type "device") log in as device:NAME with these keys, apart from users.
+            "device_keys": {name: frozenset(asyncssh.import_public_key(k).public_data
+                                            for k in _key_lines(m.options.get("device_keys")))
+                            for name, m in config.machines.items()
+                            if config.backends[m.backend].type == "device"},
             "ca_keys": frozenset(asyncssh.import_public_key(k).public_data for k in config.user_ca_keys),
             "upstream_ca": asyncssh.read_private_key(str(ca)) if ca is not None else None,
         }
@@ -78,9 +92,14 @@ class FrontContext:
         config, limits = new["config"], new["limits"]
         self.config = config
         self.router = new["router"]
+        # Authorized keys looked up per login (webhook.KeysWebhook, in begin_auth), or None.
+        self.keys_lookup = getattr(new["router"], "keys", None)
+        # Users the config does not list may log in (their routes and keys come from a webhook).
+        self.open_users = config.routing.webhook
         self.grace.grace = config.gateway.login_grace
         self.user_keys = new["user_keys"]
         self.ca_keys = new["ca_keys"]
+        self.device_keys = new["device_keys"]
         self.upstream_ca = new["upstream_ca"]
         if limits != self.limiter.config:
             self.limiter = PreauthLimiter(limits, count=self.limiter.count)
@@ -98,6 +117,11 @@ class FrontContext:
         self.connections.discard(c)
         self.connections_changed.set()
         self.connections_changed = trio.Event()
+
+    def flush_bytes(self) -> None:
+        """Bytes relayed by open channels go into the counters before each scrape."""
+        for c in list(self.connections):
+            c.flush_bytes()
 
     def notify_all(self, text: str) -> None:
         """A line on the stderr of every open session (and a banner to anyone still logging in)."""

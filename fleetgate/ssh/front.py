@@ -22,8 +22,9 @@ import asyncssh
 
 from .. import login as login_mod
 from ..fleet import Lease, State
-from ..routing import RoutingError, split_login
-from . import bridge, forwards, internals
+from ..routing import LoginInfo, RoutingError, split_login
+from ..webhook import WebhookError
+from . import bridge, devices, forwards, internals
 from . import upstream as upstream_mod
 from .context import FrontContext
 from .pipe import Pipe
@@ -58,6 +59,11 @@ class FrontConnection(asyncssh.SSHServer):
         self._auth_failures = 0
         self._counted = False  # the connection's outcome went into fleetgate_connections_total
         self._user: str | None = None  # the user whose per-user connection slot this holds
+        self._looked_up_keys: frozenset[bytes] = frozenset()  # from the keys webhook, for this login
+        self._key: asyncssh.SSHKey | None = None  # the key (or certificate's CA key) last judged
+        self._key_is_cert = False
+        self.device: str | None = None  # a device's connection (device:NAME): only its own tunnel
+        self.tunnel: devices.DeviceTunnel | None = None
 
     # -- what relays and forwards read ----------------------------------------------------
 
@@ -89,6 +95,8 @@ class FrontConnection(asyncssh.SSHServer):
     def ended_reason(self) -> str:
         """Why the machine's side of a session went away, for the user's stderr."""
         m = self.ctx.fleet.machines.get(self.machine)
+        if m is not None and getattr(m.backend, "tunnel_lost", lambda name: False)(m.name):
+            return f"fleetgate: the tunnel of {self.machine} closed (the device went offline); this session has ended"
         if m is not None and m.state in (State.STOPPING, State.STOPPED):
             return f"fleetgate: {self.machine} was stopped (fleetgate stop --force); this session has ended"
         return f"fleetgate: lost the connection to {self.machine}; the machine stopped answering"
@@ -115,6 +123,8 @@ class FrontConnection(asyncssh.SSHServer):
             return False
         if msg:  # the signature over the session id has been verified
             self.ctx.limiter.authenticated(self.ip, self.conn)
+            if devices.device_name(username) is not None:
+                return self._device_verified(username)
             return await self._after_auth(username)
         return True
 
@@ -156,6 +166,8 @@ class FrontConnection(asyncssh.SSHServer):
         self.ctx.remove_connection(self)
         for pipe in list(self.pipes):
             pipe.abort()
+        if self.tunnel is not None:
+            self.tunnel.close()
         if self.upstream is not None:
             self.upstream.close()
         for lease in [*self.holds, *([self.lease] if self.lease else [])]:
@@ -183,7 +195,20 @@ class FrontConnection(asyncssh.SSHServer):
 
     # -- authentication -------------------------------------------------------------------
 
-    def begin_auth(self, username: str) -> bool:
+    def begin_auth(self, username: str) -> Any:
+        """With a keys webhook, look the user's keys up once per login name, before any key
+        is judged: asyncssh asks validate_public_key() synchronously, but awaits this."""
+        if self.ctx.keys_lookup is None or devices.device_name(username) is not None:
+            return True
+        return self._look_up_keys(split_login(username)[0])
+
+    async def _look_up_keys(self, user: str) -> bool:
+        try:
+            self._looked_up_keys = await bridge.run_trio(self.ctx.keys_lookup.keys_for, user)
+        except WebhookError as exc:
+            # Keys from the config still work; the user reads why theirs may not.
+            self._looked_up_keys = frozenset()
+            self._banner(exc.message)
         return True
 
     def public_key_auth_supported(self) -> bool:
@@ -191,12 +216,36 @@ class FrontConnection(asyncssh.SSHServer):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # Same work for unknown users and wrong keys: one set lookup either way.
-        return key.public_data in self.ctx.user_keys.get(username, self.ctx.no_keys)
+        self._key, self._key_is_cert = key, False
+        device = devices.device_name(username)
+        if device is not None:  # devices: their own keys only, never a user's
+            return key.public_data in self.ctx.device_keys.get(device, self.ctx.no_keys)
+        return key.public_data in self.ctx.user_keys.get(username, self.ctx.no_keys) \
+            or key.public_data in self._looked_up_keys
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # asyncssh then checks the certificate's validity period and that `username`
         # (the base user, without +target) is one of its principals.
-        return username in self.ctx.config.users and key.public_data in self.ctx.ca_keys
+        self._key, self._key_is_cert = key, True
+        if devices.device_name(username) is not None:
+            return False
+        return (username in self.ctx.config.users or self.ctx.open_users) and key.public_data in self.ctx.ca_keys
+
+    def _device_verified(self, login: str) -> bool:
+        """A device proved who it is: nothing to route or wake; it may register its tunnel."""
+        self.ctx.grace.stop(self)
+        self.login = login
+        self.device = devices.device_name(login)
+        self.authorized = True
+        self._count("authenticated")
+        log.info("device connected machine=%s peer=%s", self.device, self.peer)
+        return True
+
+    def _login_info(self, login: str, password: str | None) -> LoginInfo:
+        key = self._key if password is None else None
+        return LoginInfo(login=login, source=self.ip, key_type=key.get_algorithm() if key else None,
+                         key_fingerprint=key.get_fingerprint("sha256") if key else None,
+                         certificate=self._key_is_cert and key is not None)
 
     def _banner(self, line: str) -> None:
         if self.conn is not None and not self.closed and not self.authorized:
@@ -221,7 +270,10 @@ class FrontConnection(asyncssh.SSHServer):
             login, router=ctx.router, fleet=ctx.fleet, progress=self._banner, password=password,
             connect=lambda target, address, pw: bridge.run_aio(self._connect_upstream, target, address, pw),
             still_wanted=lambda: not self.closed,
-            upstream_failed=lambda reason: ctx.metrics.upstream_failures.labels(reason).inc())
+            upstream_failed=lambda reason: ctx.metrics.upstream_failures.labels(reason).inc(),
+            info=self._login_info(login, password),
+            connected=ctx.metrics.upstream_handshake.observe,
+            ready=lambda woke, seconds: ctx.metrics.time_to_shell.labels("yes" if woke else "no").observe(seconds))
         self._drop_login()
         self.target, self.lease, self.upstream = session.target, session.lease, session.upstream
 
@@ -292,8 +344,11 @@ class FrontConnection(asyncssh.SSHServer):
         so the machine is woken before the user is known — rate-limited per source and user."""
         ctx = self.ctx
         user, want = split_login(username)
+        if devices.device_name(username) is not None:
+            self._failed_attempt("password")
+            return False
         try:
-            target = await bridge.run_trio(ctx.router.route, user, want)
+            target = await bridge.run_trio(ctx.router.route, user, want, self._login_info(username, password))
         except RoutingError:
             target = None
         if target is None or not ctx.config.machines[target.machine].password_passthrough:
@@ -337,7 +392,14 @@ class FrontConnection(asyncssh.SSHServer):
                  kind, self.peer)
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, f"fleetgate: {what}")
 
+    def _device_refuses(self, what: str) -> None:
+        if self.device is not None:
+            log.info("device request refused machine=%s what=%s peer=%s", self.device, what, self.peer)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                            "fleetgate: a device connection carries only its own tunnel")
+
     def session_requested(self) -> Any:
+        self._device_refuses("session")
         self.admit_channel("session")
         self.hold()
         chan = internals.create_session_channel(self.conn, self.window, self.max_packet)
@@ -356,17 +418,39 @@ class FrontConnection(asyncssh.SSHServer):
             relay.notice(text)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        self._device_refuses("direct-tcpip")
         return forwards.direct_tcpip(self, dest_host, dest_port, orig_host, orig_port)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        if self.device is not None:
+            return self._device_tunnel(listen_host, listen_port)
         return forwards.remote_forward(self, listen_host, listen_port)
 
+    def _device_tunnel(self, listen_host: str, listen_port: int) -> Any:
+        """A device's `-R NAME:22:...`: only its own name, port 22, one at a time."""
+        if listen_host != self.device.lower() or listen_port != 22 or self.tunnel is not None:
+            log.info("device tunnel refused machine=%s listen=%s:%s", self.device, listen_host, listen_port)
+            return False
+        backend = self.ctx.fleet.machines[self.device].backend
+        self.tunnel = devices.DeviceTunnel(self.conn, self.device, backend, listen_host, listen_port,
+                                           self.window, self.max_packet)
+        return self.tunnel.open()
+
     def count_bytes(self, mode: str, counted: Any) -> None:
+        """Add what a channel relayed since it was last counted (counted: relay.Bytes)."""
+        up, down = counted.take()
         if mode != "jump":  # a jump channel is its own audited session
-            self.bytes_up += counted.up
-            self.bytes_down += counted.down
+            self.bytes_up += up
+            self.bytes_down += down
         m = self.ctx.metrics
-        if counted.up:
-            m.relayed_bytes.labels("up", mode).inc(counted.up)
-        if counted.down:
-            m.relayed_bytes.labels("down", mode).inc(counted.down)
+        if up:
+            m.relayed_bytes.labels("up", mode).inc(up)
+        if down:
+            m.relayed_bytes.labels("down", mode).inc(down)
+
+    def flush_bytes(self) -> None:
+        """Count what every open channel relayed so far (before a /metrics scrape)."""
+        for relay in list(self.sessions):
+            self.count_bytes("relay", relay.bytes)
+        for pipe in list(self.pipes):
+            self.count_bytes(pipe.mode, pipe.bytes)

@@ -32,13 +32,25 @@ EXIT_LOST = 255  # what OpenSSH's client reports when the connection to the serv
 
 
 class Bytes:
-    """Bytes relayed in each direction, in plain ints (added to metrics when a channel ends)."""
+    """Bytes relayed in each direction, in plain ints: the hot path adds, nothing else.
 
-    __slots__ = ("up", "down")
+    The counters are fed from here at each /metrics scrape and when the channel ends
+    (take()), so a long session shows its traffic as it flows, not as one spike at the end,
+    and no Prometheus call runs per packet."""
+
+    __slots__ = ("up", "down", "_taken_up", "_taken_down")
 
     def __init__(self) -> None:
         self.up = 0    # user → machine
         self.down = 0  # machine → user
+        self._taken_up = 0
+        self._taken_down = 0
+
+    def take(self) -> tuple[int, int]:
+        """What was relayed since the last take()."""
+        up, down = self.up - self._taken_up, self.down - self._taken_down
+        self._taken_up, self._taken_down = self.up, self.down
+        return up, down
 
 
 class RelayOwner(Protocol):
