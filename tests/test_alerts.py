@@ -167,6 +167,7 @@ def test_mutants_cover_every_alert() -> None:
     assert mutated == set(ALERT_NAMES)
 
 
+@pytest.mark.e2e  # runs the real promtool once per mutated threshold and for: (~90 s): end-to-end tier
 def test_wrong_thresholds_fail_the_unit_tests(tmp_path: Path) -> None:
     # The unmutated copy must pass, or every "killed" mutant below would prove nothing.
     first = MUTANTS[0]
