@@ -395,7 +395,6 @@ class Fleet:
         m.last_activity = trio.current_time()
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
         self._sessions_changed(m)
-        self.metrics.machine_idle.labels(m.name).set(0)
         self.metrics.machine_last_activity.labels(m.name).set(time.time())
         return Lease(self, m)
 

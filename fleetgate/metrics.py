@@ -113,9 +113,6 @@ class Metrics:
         self.machine_state = Gauge(
             "fleetgate_machine_state", "1 for the machine's current state, 0 for the others.",
             ["machine", "state"], registry=r)
-        self.machine_idle = Gauge(
-            "fleetgate_machine_idle_seconds", "Seconds since a running machine's last session ended (0 while in use).",
-            ["machine"], registry=r)
         self.connections = Counter(
             "fleetgate_connections", "Incoming SSH connections by outcome.", ["result"], registry=r)
         self.auth_failures = Counter(
@@ -262,7 +259,6 @@ class Metrics:
         for state in MACHINE_STATES:
             self.machine_state.labels(machine, state).set(0)
         self.active_sessions.labels(machine).set(0)
-        self.machine_idle.labels(machine).set(0)
         self.machine_last_activity.labels(machine)
         self.leases.labels(machine).set(0)
         self.machine_running_seconds.labels(machine)
@@ -282,7 +278,7 @@ class Metrics:
         """Delete a machine's per-machine series (it left the config and stopped)."""
         for state in MACHINE_STATES:
             _remove(self.machine_state, machine, state)
-        for family in (self.active_sessions, self.machine_idle, self.leases, self.machine_last_activity,
+        for family in (self.active_sessions, self.leases, self.machine_last_activity,
                        self.machine_running_seconds):
             _remove(family, machine)
 

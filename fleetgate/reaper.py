@@ -49,13 +49,12 @@ class Reaper:
         return bool(rules) and is_warm(rules, self.wall_clock())
 
     def tick(self, stops: trio.Nursery) -> None:
-        """One pass: update idle gauges, pre-wake warm machines, start stops that are due."""
+        """One pass: update per-machine gauges, pre-wake warm machines, start stops that are due."""
         metrics = self.fleet.metrics
         for name, m in list(self.fleet.machines.items()):
             if name not in self.fleet.configured and m.state.value in ("stopped", "failed") and not m.sessions:
                 self.fleet.forget(name)  # removed from the config and stopped since: its series go too
                 continue
-            metrics.machine_idle.labels(name).set(self.fleet.idle_for(m))
             self.fleet.account_running(m)
             self.fleet._update_lease_gauge(m)
             warm = self.warm(name)

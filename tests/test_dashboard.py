@@ -68,7 +68,7 @@ def test_panel_has_datasource_unit_description(panel: dict) -> None:
 def test_dashboard_covers_what_operators_need() -> None:
     used = {s.name for _, _, expr in QUERIES for s in selectors(interpolate(expr, LINT_VALUES))}
     for name in ("fleetgate_active_sessions", "fleetgate_wakes_total", "fleetgate_wake_failures_total",
-                 "fleetgate_boot_latency_seconds_bucket", "fleetgate_machine_state", "fleetgate_machine_idle_seconds",
+                 "fleetgate_boot_latency_seconds_bucket", "fleetgate_machine_state", "fleetgate_machine_last_activity_timestamp_seconds",
                  "fleetgate_reaper_stops_total", "fleetgate_auth_failures_total", "fleetgate_relayed_bytes_total",
                  "fleetgate_backend_call_duration_seconds_bucket", "fleetgate_connections_total"):
         assert name in used, f"no panel shows {name}"

@@ -85,7 +85,7 @@ async def test_series_of_a_removed_machine_go_once_it_is_stopped(nursery, autoju
     async with trio.open_nursery() as stops:
         Reaper(fleet).tick(stops)
     assert "b" not in fleet.machines
-    for name in ("fleetgate_machine_state", "fleetgate_active_sessions", "fleetgate_machine_idle_seconds",
+    for name in ("fleetgate_machine_state", "fleetgate_active_sessions",
                  "fleetgate_keep_awake_leases", "fleetgate_machine_running_seconds_total",
                  "fleetgate_machine_last_activity_timestamp_seconds"):
         families = [s for f in m.registry.collect() for s in f.samples if s.name == name]
