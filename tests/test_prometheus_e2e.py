@@ -7,6 +7,10 @@ Prometheus has seen it; Prometheus also scrapes itself (another job, as in real 
 real OpenSSH client logs in as bob (a wake, a session, relayed bytes), as alice (a failed wake,
 then a cooldown refusal) and with a wrong key (an auth failure). Then:
 
+- bob's `rekeyed` machine has a host key that is not the pinned one, so three logins there fail
+  upstream: the login SLI recording rule moves and FleetgateLoginFailures goes pending (defect 4);
+  bob's `api5xx` machine is on an HTTP backend whose API answers 503: the wake fails as
+  backend_error, not backend_unreachable, and all 3 attempts are counted by status class (defect 3);
 - FleetgateWakeFailures reaches the default receiver with the right labels and runbook link,
   and that one failed wake pages nobody: FleetgateWakeErrorBudgetBurn is neither firing nor
   pending (the quiet-fleet minimum of 3 failures, issue 14);
@@ -46,8 +50,8 @@ from prom_helpers import (ALERTMANAGER, LABEL_VALUES, METRICS_DOC, RULES, RUNBOO
 pytestmark = pytest.mark.e2e
 
 RATE_INTERVAL = "1m"  # what Grafana's $__rate_interval is at most for a 1 s scrape interval
-# Panels of series this fleet cannot have: it has no HTTP backend, so no HTTP requests by answer.
-NO_DATA_HERE = {("Backend requests by answer", "A")}
+# Panels of series this fleet cannot have (none since it has an HTTP backend too).
+NO_DATA_HERE: set = set()
 
 
 @dataclass
@@ -126,6 +130,41 @@ def broken_alice(doc: dict) -> None:
     doc["metrics"] = {"listen": "127.0.0.1:0"}
 
 
+def troubled_bob(api_port: int) -> Callable[[dict], None]:
+    """bob may also use `rekeyed` (its sshd's key is not the pinned one: every login there fails
+    upstream, after the wake) and `api5xx` (an HTTP backend whose API answers 503)."""
+    def patch(doc: dict) -> None:
+        broken_alice(doc)
+        bob = doc["machines"]["bob"]
+        doc["machines"]["rekeyed"] = {**bob, "port": free_port(), "host_key": doc["machines"]["alice"]["host_key"]}
+        doc["backends"]["api"] = {"type": "http", "start_url": f"http://127.0.0.1:{api_port}/start_vm",
+                                  "timeout": 2, "retries": 2, "backoff": 0.05}
+        doc["machines"]["api5xx"] = {"backend": "api", "user": bob["user"], "host_key": bob["host_key"],
+                                     "ssh_port": free_port(), "boot_timeout": 30}
+        doc["users"]["bob"]["machines"] = ["bob", "rekeyed", "api5xx"]
+    return patch
+
+
+async def answer_503(stream: trio.SocketStream) -> None:
+    """A VM API that is up but failing: every request gets HTTP 503."""
+    conn = h11.Connection(h11.SERVER)
+    with trio.move_on_after(10):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(65536)
+                if not data:
+                    return
+                conn.receive_data(data)
+            elif isinstance(event, h11.EndOfMessage):
+                await stream.send_all(conn.send(h11.Response(status_code=503, headers=[("content-length", "0"),
+                                                                                         ("connection", "close")])))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                return
+            elif event is h11.PAUSED or isinstance(event, h11.ConnectionClosed):
+                return
+
+
 async def start_process(nursery: trio.Nursery, argv: list[str], log: Path) -> None:
     with open(log, "wb") as f:
         await nursery.start(lambda task_status: trio.run_process(
@@ -168,6 +207,11 @@ async def start_prometheus(nursery: trio.Nursery, tmp: Path, targets: list[str],
 async def make_traffic(fleet: Fleet) -> None:
     r = await run(fleet.ssh("bob", "echo hello from bob"))
     assert r.returncode == 0 and r.out == "hello from bob\n", r.err
+    for _ in range(3):  # logins that reach a running machine and fail there (defect 4: the login SLI)
+        r = await run(fleet.ssh("bob+rekeyed", "true"))
+        assert r.returncode == 255 and "host key of rekeyed changed" in r.err, r.err
+    r = await run(fleet.ssh("bob+api5xx", "true"))  # defect 3: an API answering 5xx is backend_error
+    assert r.returncode != 0 and "could not be started" in r.err, r.err
     r = await run(fleet.ssh("alice", "true"))
     assert r.returncode != 0 and "could not be started" in r.err, r.err
     r = await run(fleet.ssh("alice", "true"))  # within the cooldown: refused without a new start
@@ -183,7 +227,8 @@ async def test_alerts_dashboard_and_metrics_against_real_prometheus(tmp_path: Pa
     webhook = Webhook()
     [listener] = await nursery.start(partial(trio.serve_tcp, webhook.handle, 0, host="127.0.0.1"))
     webhook_port = listener.socket.getsockname()[1]
-    fleet, cfg = make_fleet(tmp_path, patch=broken_alice)
+    [api_listener] = await nursery.start(partial(trio.serve_tcp, answer_503, 0, host="127.0.0.1"))
+    fleet, cfg = make_fleet(tmp_path, patch=troubled_bob(api_listener.socket.getsockname()[1]))
     running = await start_gateway(nursery, fleet, cfg, stop_machines_on_exit=True)
     instance = f"127.0.0.1:{running.metrics_port}"
     fleet2, cfg2 = make_fleet(tmp_path / "gw2", patch=lambda doc: doc.update(metrics={"listen": "127.0.0.1:0"}))
@@ -206,7 +251,8 @@ async def test_alerts_dashboard_and_metrics_against_real_prometheus(tmp_path: Pa
 
         # -- the wake-failure alert at the default receiver, the budget burn at the pager --------
         hook, alert = await webhook.wait_for(
-            lambda h, a: a["labels"]["alertname"] == "FleetgateWakeFailures" and a["status"] == "firing", 45)
+            lambda h, a: a["labels"]["alertname"] == "FleetgateWakeFailures" and a["status"] == "firing"
+            and a["labels"].get("backend") == "broken", 45)
         assert hook.path == "/default" and hook.payload["receiver"] == "default"
         assert alert["labels"] == {"alertname": "FleetgateWakeFailures", "severity": "warning", "job": "fleetgate",
                                    "instance": instance, "backend": "broken", "reason": "start_error"}
@@ -223,6 +269,22 @@ async def test_alerts_dashboard_and_metrics_against_real_prometheus(tmp_path: Pa
         assert not [h for h in webhook.hooks if h.path == "/pager"], "one failed wake must not page"
         with trio.fail_after(30):  # the stopped gateway: Prometheus sees it down after a failed scrape
             while not await prom_query(client, prom, f'up{{job="fleetgate",instance="{instance2}"}} == 0'):
+                await trio.sleep(0.25)
+
+        # -- defect 3: an API that answers 5xx is an error answer, every attempt counted ------------
+        with trio.fail_after(30):
+            while not await prom_query(client, prom, 'fleetgate_wake_failures_total{backend="api",reason="backend_error"} > 0'):
+                await trio.sleep(0.25)
+        attempts = await prom_query(client, prom, 'fleetgate_backend_requests_total{backend="api",status_class="5xx"}')
+        assert attempts and float(attempts[0]["value"][1]) == 3.0, attempts  # 1 try + 2 retries, all seen
+        assert not await prom_query(
+            client, prom, 'fleetgate_wake_failures_total{backend="api",reason="backend_unreachable"} > 0')
+        # -- defect 4: logins failing at a running machine move the login SLI and its alert --------
+        with trio.fail_after(30):
+            while not await prom_query(client, prom, 'fleetgate:login_errors:ratio_rate30m > 0.1'):
+                await trio.sleep(0.25)
+        with trio.fail_after(30):  # 3 failures of 4 logins: pending for its 10 minutes, not yet firing
+            while not await prom_query(client, prom, 'ALERTS{alertname="FleetgateLoginFailures",alertstate="pending"}'):
                 await trio.sleep(0.25)
 
         # -- every dashboard query against this Prometheus ---------------------------------------
