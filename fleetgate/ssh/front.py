@@ -168,12 +168,10 @@ class FrontConnection(asyncssh.SSHServer):
             pipe.abort()
         if self.tunnel is not None:
             self.tunnel.close()
-        if self.upstream is not None:
-            self.upstream.close()
-        for lease in [*self.holds, *([self.lease] if self.lease else [])]:
+        bridge.call_trio_sync(self._drop_login)
+        for lease in self.holds:
             bridge.call_trio_sync(lease.release)
         self.holds.clear()
-        self.lease = None
         if self.authorized:
             seconds = time.monotonic() - self._t0
             self.ctx.metrics.session_duration.observe(seconds)

@@ -78,8 +78,9 @@ class SessionRelay(asyncssh.SSHServerSession):
         self._task: Any = None
         self.bytes = Bytes()
         self._closed = False
-        self._up_paused = False   # the user's side asked us to stop (pause_writing)
-        self._pauses: set[str] = set()  # why: "channel" (its buffer) and/or "transport" (the TCP socket)
+        # Why the machine's side is not read: "channel" (the user's channel buffer is full) and/or
+        # "transport" (the user's TCP socket is); read again once there is no reason left.
+        self._pauses: set[str] = set()
         self._exited = False      # an exit status or signal went to the user
         self._peer_closed = False  # the user sent CLOSE; we answer once the machine's side closed
         # Data (and EOF) the user sends before the upstream channel is open; bounded by
@@ -149,7 +150,7 @@ class SessionRelay(asyncssh.SSHServerSession):
             up.write(data)
         if self._early_eof:
             up.write_eof()
-        if self._up_paused:
+        if self._pauses:
             up.pause_reading()
         front.resume_reading()
 
@@ -198,7 +199,6 @@ class SessionRelay(asyncssh.SSHServerSession):
 
     def _pause(self, why: str) -> None:
         self._pauses.add(why)
-        self._up_paused = True
         if self._up is not None:
             self._up.pause_reading()
 
@@ -206,7 +206,6 @@ class SessionRelay(asyncssh.SSHServerSession):
         self._pauses.discard(why)
         if self._pauses:
             return
-        self._up_paused = False
         if self._up is not None:
             self._up.resume_reading()
 
@@ -270,7 +269,7 @@ class SessionRelay(asyncssh.SSHServerSession):
         """exit / signal / eof / close from the machine's channel."""
         if self._closed:
             return
-        if self._held or (self._up is not None and self._up_paused and internals.has_unread_data(self._up)):
+        if self._held or (self._up is not None and self._pauses and internals.has_unread_data(self._up)):
             self._held.append(message)  # data the machine sent before it is still in asyncssh's buffer
             return
         self._to_user_control(message)
