@@ -2,7 +2,8 @@
 count where it started (issue: a second signed USERAUTH_REQUEST sent while the first one's
 upstream login was in progress leaked a session hold, so the machine was never stopped).
 
-A client made of asyncssh's key exchange and our own USERAUTH_REQUESTs: validly signed
+A client made of asyncssh's key exchange and our own USERAUTH_REQUESTs (its own key list is
+empty, so asyncssh sends none of its own and every request is the plan's): validly signed
 ones (the gateway verifies each and starts a login), unsigned queries and wrong users, sent
 back to back or paced, and a disconnect at a random moment.
 """
@@ -67,7 +68,7 @@ class Sequencer(asyncssh.SSHClient):
                             "other": ("alice+bob", True), "stranger": ("mallory", True)}[step]
             conn.send_packet(MSG_USERAUTH_REQUEST, self.request(user, signed))
             await asyncio.sleep(pause)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the pause after the last step (the gateway answers or not)
         conn.abort()
 
 
@@ -75,7 +76,7 @@ async def run_plan(port: int, key: asyncssh.SSHKey, plan: list[tuple[str, float]
     seq = Sequencer(key, plan)
     try:
         conn, _ = await asyncssh.create_connection(
-            lambda: seq, "127.0.0.1", port, username="alice", client_keys=[key], known_hosts=None,
+            lambda: seq, "127.0.0.1", port, username="alice", client_keys=[], known_hosts=None,
             agent_path=None, config=[], preferred_auth="publickey", connect_timeout=20)
         conn.abort()
     except (asyncssh.Error, OSError, asyncio.TimeoutError):
@@ -83,8 +84,13 @@ async def run_plan(port: int, key: asyncssh.SSHKey, plan: list[tuple[str, float]
     await asyncio.wait_for(seq.done.wait(), 30)
 
 
+# The reported case first: a second signed request while the first login's upstream handshake
+# runs (a running machine's handshake takes 20-40 ms here), at several offsets.
+REPORTED = [[("signed", pause), ("signed", 0.0)] for pause in (0.0, 0.002, 0.005, 0.01, 0.02, 0.03)]
+
+
 def plans(rng: random.Random) -> list[list[tuple[str, float]]]:
-    out = []
+    out = [list(p) for p in REPORTED]
     for _ in range(SEQUENCES):
         steps = []
         for _ in range(rng.randint(1, 6)):
@@ -114,4 +120,6 @@ async def test_random_auth_sequences_never_leak_a_session_hold(tmp_path, nursery
                     await trio.sleep(0.02)  # the hold is released by an unwinding task; nothing to await on
             assert {n: m.sessions for n, m in machines.items()} == {"alice": 0, "bob": 0}, (i, plan)
     # The sequences did reach the gateway's login path (not only its key checks).
-    assert fleet.metric("fleetgate_connections_total", result="authenticated") >= SEQUENCES // 4
+    # (asyncssh's own key list is empty, so every request is the plan's: a signed pair is a
+    # cancelled login followed by a complete one.)
+    assert fleet.metric("fleetgate_connections_total", result="authenticated") >= len(REPORTED)
