@@ -86,14 +86,14 @@ async def _main(args: argparse.Namespace) -> None:
     # wake cost is bench/process_wake.py's). Older fleetgate versions have no such option.
     import inspect
     extra = {"isolation": "none"} if "isolation" in inspect.signature(demo.prepare).parameters else {}
-    cfg_path = demo.prepare(state_dir, 0, None, **extra)
+    cfg_path = Path(args.config) if args.config else demo.prepare(state_dir, 0, None, **extra)
     doc = tomllib.loads(cfg_path.read_text())
     merge(doc, parse_sets(args.set))
     cfg = config_mod.parse(doc, file=str(cfg_path), base_dir=state_dir)
     app = App(cfg, stop_machines_on_exit=True)
     async with trio.open_nursery() as nursery:
         running = await nursery.start(app.run)
-        machines = {name: int(m.options["port"]) for name, m in cfg.machines.items()}
+        machines = {name: int(m.options["port"]) for name, m in cfg.machines.items() if "port" in m.options}
         print(json.dumps({"port": running.ssh_ports[0], "pid": os.getpid(), "machines": machines,
                           "fleetgate": os.path.dirname(config_mod.__file__)}), flush=True)
         await _commands(running)
@@ -103,6 +103,7 @@ async def _main(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--state-dir", required=True)
+    p.add_argument("--config", help="this fleetgate.toml instead of the demo fleet's (bench/sessions.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="patch the demo config, e.g. --set gateway.window=1048576")
     args = p.parse_args()

@@ -76,6 +76,7 @@ def apply_relay_tuning() -> bool:
     _lazy_keepalive(C)
     _cork(C)
     _applied = True
+    apply_fast_path()
     return True
 
 
@@ -687,3 +688,268 @@ def register_sntrup761() -> bool:
 
 
 register_sntrup761()
+
+
+# -- fast path: AES-GCM packets, and data between two relayed channels ----------------------
+#
+# Why: at ~32 KiB per SSH packet, the relay's cost per byte is asyncssh's per-packet work,
+# paid twice (one packet in, one out). Measured per packet (docs/benchmarks.md): a new
+# AESGCM object (its key schedule) for every packet in each direction, about a dozen copies
+# of the payload (the input buffer re-sliced after the header and again after the packet,
+# header + body + tag concatenated twice, payload → string → bytearray → string), and five
+# Python layers from the packet to the other channel's send. The fast path keeps one AESGCM
+# per key, decrypts straight out of the input buffer, and hands a CHANNEL_DATA payload from
+# one channel of a pair to the other's connection as one packet; anything unusual (another
+# cipher, compression, a rekey due, a paused or closing channel, a window too small for the
+# whole packet, debug packet logging) takes asyncssh's own path, unchanged.
+
+from asyncssh import channel as _channel  # noqa: E402
+from asyncssh import encryption as _encryption  # noqa: E402
+from asyncssh.crypto import cipher as _cipher_mod  # noqa: E402
+from asyncssh.constants import (MSG_CHANNEL_DATA, MSG_CHANNEL_FIRST, MSG_CHANNEL_LAST,  # noqa: E402
+                                MSG_CHANNEL_WINDOW_ADJUST, MSG_KEX_FIRST, MSG_KEX_LAST, MSG_UNIMPLEMENTED,
+                                MSG_USERAUTH_FIRST, MSG_USERAUTH_LAST, MSG_DEBUG)
+from asyncssh.misc import CompressionError, MACError, ProtocolError  # noqa: E402
+from cryptography.exceptions import InvalidTag  # noqa: E402
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
+import inspect as _inspect  # noqa: E402
+import functools as _functools  # noqa: E402
+import os as _os  # noqa: E402
+import time as _time  # noqa: E402
+
+_fast_applied = False
+
+
+def apply_fast_path() -> bool:
+    """Install the AES-GCM and paired-channel fast path once (after apply_relay_tuning)."""
+    global _fast_applied
+    if _fast_applied:
+        return True
+    if not _applied or logging.getLogger("asyncssh").isEnabledFor(logging.DEBUG):
+        return False  # untested asyncssh, or someone reads asyncssh's packet log: stock path
+    _fast_gcm(_cipher_mod.GCMCipher)
+    C = _connection.SSHConnection
+    _fast_send(C)
+    _fast_recv(C)
+    _channel.SSHChannel._fg_to = None
+    _fast_applied = True
+    return True
+
+
+def _fast_gcm(G: type) -> None:
+    init = G.__init__
+
+    def __init__(self, cipher_name, key, iv):
+        init(self, cipher_name, key, iv)
+        self._fg_aead = AESGCM(key)  # one key schedule per key, not per packet
+
+    def encrypt_and_sign(self, header, data):
+        out = self._fg_aead.encrypt(self._iv, data, header)
+        self._update_iv()
+        return header + out[:-16], out[-16:]
+
+    def verify_and_decrypt(self, header, data, mac):
+        try:
+            out = self._fg_aead.decrypt(self._iv, data + mac, header)
+        except InvalidTag:
+            out = None
+        self._update_iv()
+        return out
+
+    G.__init__ = __init__
+    G.encrypt_and_sign = encrypt_and_sign
+    G.verify_and_decrypt = verify_and_decrypt
+
+
+def _fast_send(C: type) -> None:
+    send_packet = C.send_packet
+    GCM = _encryption.GCMEncryption
+    urandom = _os.urandom
+    monotonic = _time.monotonic
+
+    def patched(self, pkttype, *args, handler=None):
+        enc = self._send_encryption
+        if (pkttype > MSG_USERAUTH_LAST and enc.__class__ is GCM and self._kex_complete and self._auth_complete
+                and self._compressor is None and self._rekey_bytes_sent < self._rekey_bytes
+                and not (self._rekey_seconds and monotonic() >= self._rekey_time)):
+            n = 1
+            for a in args:
+                n += len(a)
+            bs = self._send_blocksize
+            padlen = -(self._send_enchdrlen + n) % bs
+            if padlen < 4:
+                padlen += bs
+            pktlen = 1 + n + padlen
+            hdr = pktlen.to_bytes(4, "big")
+            cipher = enc._cipher
+            out = cipher._fg_aead.encrypt(cipher._iv, b"".join((bytes((padlen, pkttype)), *args, urandom(padlen))),
+                                          hdr)
+            cipher._update_iv()
+            self._send(hdr + out)
+            self._send_seq = (self._send_seq + 1) & 0xffffffff
+            self._rekey_bytes_sent += pktlen
+            return
+        send_packet(self, pkttype, *args, handler=handler)
+
+    C.send_packet = patched
+
+
+def _fast_recv(C: type) -> None:
+    recv_pkthdr = C._recv_pkthdr
+    recv_packet = C._recv_packet
+    GCM = _encryption.GCMEncryption
+    SSHPacket = _packet.SSHPacket
+    C._fg_inplace = False
+
+    def pkthdr(self):
+        if self._recv_encryption.__class__ is not GCM:
+            return recv_pkthdr(self)
+        inp = self._inpbuf
+        if len(inp) < self._recv_blocksize:
+            return False
+        pktlen = int.from_bytes(inp[:4], "big")  # GCM leaves the length in clear (it is the AAD)
+        if pktlen > self._max_recv_pktlen:
+            raise ProtocolError("Max packet size exceeded")
+        self._pktlen = pktlen
+        self._fg_inplace = True  # the header stays in _inpbuf: no copy of the rest of the buffer
+        self._recv_handler = self._recv_packet
+        return True
+
+    def packet(self):
+        if not self._fg_inplace:
+            return recv_packet(self)
+        inp = self._inpbuf
+        end = 4 + self._pktlen + self._recv_macsize
+        if len(inp) < end:
+            return False
+        cipher = self._recv_encryption._cipher
+        seq = self._recv_seq
+        try:
+            data = cipher._fg_aead.decrypt(cipher._iv, memoryview(inp)[4:end], inp[:4])
+        except InvalidTag:
+            raise MACError("MAC verification failed") from None
+        cipher._update_iv()
+        self._inpbuf = inp[end:]
+        self._packet = b""
+        self._fg_inplace = False
+        pad = data[0]
+        if (len(data) > 10 and data[1] == MSG_CHANNEL_DATA and self._auth_complete and not self._decompressor
+                and _forward(self, data, len(data) - pad)):
+            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+            return True
+        return _dispatch(self, seq, data[1:-pad], SSHPacket)
+
+    C._recv_pkthdr = pkthdr
+    C._recv_packet = packet
+
+
+def _forward(conn: Any, data: bytes, end: int) -> bool:
+    """CHANNEL_DATA for one channel of a relayed pair, sent on as one packet on the other's
+    connection; False (nothing done) whenever asyncssh's own path has to decide."""
+    if end < 10:
+        return False
+    chan = conn._channels.get(int.from_bytes(data[2:6], "big"))
+    if chan is None:
+        return False
+    peer = chan._fg_to
+    if peer is None:
+        return False
+    n = int.from_bytes(data[6:10], "big")
+    if (10 + n != end or not n or chan._recv_state != "open" or n > chan._recv_window or chan._recv_paused
+            or chan._recv_buf or chan._send_state in ("close_pending", "closed") or peer._send_state != "open"
+            or peer._send_buf or peer._send_window < n or n > peer._send_pktsize or not chan._fg_gate()):
+        return False
+    window = chan._recv_window - n
+    if window < chan._init_recv_window / 2:
+        chan.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(chan._init_recv_window - window))
+        window = chan._init_recv_window
+    chan._recv_window = window
+    peer._send_window -= n
+    peer._conn.send_packet(MSG_CHANNEL_DATA, UInt32(peer._send_chan), UInt32(n), memoryview(data)[10:end])
+    chan._fg_count(n)
+    return True
+
+
+def _dispatch(self: Any, seq: int, orig_payload: bytes, SSHPacket: type) -> bool:
+    """The rest of asyncssh 2.24's SSHConnection._recv_packet, after decryption (unchanged)."""
+    if self._decompressor and (self._auth_complete or not self._decompress_after_auth):
+        payload = self._decompressor.decompress(orig_payload)
+        if payload is None:
+            raise CompressionError("Decompression failed")
+    else:
+        payload = orig_payload
+    packet = SSHPacket(payload)
+    pkttype = packet.get_byte()
+    handler = self
+    skip_reason = ""
+    exc_reason = ""
+    if MSG_KEX_FIRST <= pkttype <= MSG_KEX_LAST:
+        if self._kex:
+            if self._ignore_first_kex:  # pragma: no cover
+                skip_reason = "ignored first kex"
+                self._ignore_first_kex = False
+            else:
+                handler = self._kex
+        else:
+            skip_reason = "kex not in progress"
+            exc_reason = "Key exchange not in progress"
+    elif self._strict_kex and not self._recv_encryption and MSG_IGNORE <= pkttype <= MSG_DEBUG:
+        skip_reason = "strict kex violation"
+        exc_reason = f"Strict key exchange violation: unexpected packet type {pkttype} received"
+    elif MSG_USERAUTH_FIRST <= pkttype <= MSG_USERAUTH_LAST:
+        if self._auth:
+            handler = self._auth
+        else:
+            skip_reason = "auth not in progress"
+            exc_reason = "Authentication not in progress"
+    elif pkttype > MSG_KEX_LAST and not self._recv_encryption:
+        skip_reason = "invalid request before kex complete"
+        exc_reason = "Invalid request before key exchange was complete"
+    elif pkttype > MSG_USERAUTH_LAST and not self._auth_complete:
+        skip_reason = "invalid request before auth complete"
+        exc_reason = "Invalid request before authentication was complete"
+    elif MSG_CHANNEL_FIRST <= pkttype <= MSG_CHANNEL_LAST:
+        try:
+            recv_chan = packet.get_uint32()
+        except _packet.PacketDecodeError:
+            skip_reason = "incomplete channel request"
+            exc_reason = "Incomplete channel request received"
+        else:
+            try:
+                handler = self._channels[recv_chan]
+            except KeyError:
+                skip_reason = "invalid channel number"
+                exc_reason = f"Invalid channel number {recv_chan} received"
+    handler.log_received_packet(pkttype, seq, packet, skip_reason)
+    if not skip_reason:
+        try:
+            result = handler.process_packet(pkttype, seq, packet)
+        except _packet.PacketDecodeError as exc:
+            raise ProtocolError(str(exc)) from None
+        if _inspect.isawaitable(result):
+            self._recv_handler = lambda: False
+            task = self.create_task(result)
+            task.add_done_callback(_functools.partial(self._finish_recv_packet, pkttype, seq, is_async=True))
+            return False
+        elif not result:
+            if self._strict_kex and not self._recv_encryption:
+                exc_reason = f"Strict key exchange violation: unexpected packet type {pkttype} received"
+            else:
+                self.logger.debug1("Unknown packet type %d received", pkttype)
+                self.send_packet(MSG_UNIMPLEMENTED, UInt32(seq))
+    if exc_reason:
+        raise ProtocolError(exc_reason)
+    self._finish_recv_packet(pkttype, seq)
+    return True
+
+
+def pair_channels(a: Any, b: Any, gate: Callable[[], bool], count: Callable[[int], None]) -> None:
+    """Data arriving on channel `a` may go straight out on channel `b` while gate() says so
+    (the relay has nothing queued in between); count(n) is told each payload's size."""
+    a._fg_to = b
+    a._fg_gate = gate
+    a._fg_count = count
+
+
+def unpair_channel(a: Any) -> None:
+    a._fg_to = None

@@ -152,7 +152,22 @@ class SessionRelay(asyncssh.SSHServerSession):
             up.write_eof()
         if self._pauses:
             up.pause_reading()
+        # Steady state: each data packet goes from one channel straight to the other (internals).
+        internals.pair_channels(up, front, self._may_forward_down, self._count_down)
+        internals.pair_channels(front, up, self._may_forward_up, self._count_up)
         front.resume_reading()
+
+    def _may_forward_down(self) -> bool:
+        return not (self._closed or self._peer_closed or self._outbox or self._held)
+
+    def _may_forward_up(self) -> bool:
+        return not self._closed
+
+    def _count_down(self, n: int) -> None:
+        self.bytes.down += n
+
+    def _count_up(self, n: int) -> None:
+        self.bytes.up += n
 
     def notice(self, message: str) -> None:
         """A line from the gateway itself on the user's stderr (e.g. shutdown)."""
