@@ -10,6 +10,10 @@ connections; a refused connection is closed before it can wake anything.
 
 A connection holds a Fleet lease for as long as it is open, so the idle reaper sees it
 as a session, exactly like a login through the front.
+
+The bytes move between the two sockets in the kernel (`fleetgate/splice.py`: splice(2)
+through a pipe), since the gateway only ever sees ciphertext here; the copy through Python
+remains the fallback (and `FLEETGATE_PASSTHROUGH_COPY=1` selects it, for comparison).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from . import splice as _splice
 from . import transport
 from .fleet import WakeError
 
@@ -32,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
-CHUNK = 256 * 1024
 MAX_SOURCES = 10_000
 REFUSAL_REASONS = ("rate_limited", "wake_failed", "connect_failed")
 
@@ -85,14 +89,15 @@ async def serve(config: "Config", fleet: "Fleet", metrics: "Metrics", *,
     for direction in ("up", "down"):
         metrics.relayed_bytes.labels(direction, "passthrough")
     limiter = RateLimiter(config.passthrough.per_source_per_minute)
+    how = _splice.zero_copy_available()[1]
     ports: dict[str, int] = {}
     async with trio.open_nursery() as nursery:
         for name, hp in wanted.items():
             listeners = await trio.open_tcp_listeners(hp.port, host=hp.host)
             ports[name] = listeners[0].socket.getsockname()[1]
             log.warning("passthrough listening machine=%s address=%s:%d (wakes before authentication; "
-                        "per-source limit %d/min)", name, hp.host, ports[name],
-                        config.passthrough.per_source_per_minute)
+                        "per-source limit %d/min; bytes relayed by %s)", name, hp.host, ports[name],
+                        config.passthrough.per_source_per_minute, how)
             nursery.start_soon(trio.serve_listeners, partial(_connection, name, fleet, metrics, limiter), listeners)
         task_status.started(ports)
 
@@ -154,24 +159,11 @@ async def _serve_one(name: str, fleet: "Fleet", metrics: "Metrics", limiter: Rat
         lease.release()
 
 
-async def splice(a: trio.SocketStream, b: trio.SocketStream) -> tuple[int, int]:
-    """Copy bytes both ways until both sides are done; returns (a→b, b→a) byte counts.
+async def splice(a: trio.SocketStream, b: trio.SocketStream, *, zero_copy: bool | None = None) -> tuple[int, int]:
+    """Relay bytes both ways until both sides are done; returns (a→b, b→a) byte counts.
 
     An EOF is passed on as a half-close, so a client that shuts down its sending side still
-    gets the rest of the answer; a broken side ends both directions.
+    gets the rest of the answer; a broken side ends both directions. Zero-copy (splice(2))
+    where available, else the copy through Python: see fleetgate/splice.py.
     """
-    counts = [0, 0]
-
-    async def pump(src: trio.SocketStream, dst: trio.SocketStream, i: int, cancel: trio.CancelScope) -> None:
-        try:
-            while data := await src.receive_some(CHUNK):
-                await dst.send_all(data)
-                counts[i] += len(data)
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            cancel.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pump, a, b, 0, nursery.cancel_scope)
-        nursery.start_soon(pump, b, a, 1, nursery.cancel_scope)
-    return counts[0], counts[1]
+    return await _splice.relay(a, b, zero_copy=zero_copy)
