@@ -742,6 +742,12 @@ def _fast_gcm(G: type) -> None:
     def __init__(self, cipher_name, key, iv):
         init(self, cipher_name, key, iv)
         self._fg_aead = AESGCM(key)  # one key schedule per key, not per packet
+        self._fg_fixed = iv[:4]
+        self._fg_counter = int.from_bytes(iv[4:], "big")
+
+    def update_iv(self):  # RFC 5647 7.1: the invocation counter, kept as an int
+        self._fg_counter = counter = (self._fg_counter + 1) & 0xffffffffffffffff
+        self._iv = self._fg_fixed + counter.to_bytes(8, "big")
 
     def encrypt_and_sign(self, header, data):
         out = self._fg_aead.encrypt(self._iv, data, header)
@@ -757,6 +763,7 @@ def _fast_gcm(G: type) -> None:
         return out
 
     G.__init__ = __init__
+    G._update_iv = update_iv
     G.encrypt_and_sign = encrypt_and_sign
     G.verify_and_decrypt = verify_and_decrypt
 
@@ -764,7 +771,7 @@ def _fast_gcm(G: type) -> None:
 def _fast_send(C: type) -> None:
     send_packet = C.send_packet
     GCM = _encryption.GCMEncryption
-    urandom = _os.urandom
+    padding = _Padding()
     monotonic = _time.monotonic
 
     def patched(self, pkttype, *args, handler=None):
@@ -782,7 +789,7 @@ def _fast_send(C: type) -> None:
             pktlen = 1 + n + padlen
             hdr = pktlen.to_bytes(4, "big")
             cipher = enc._cipher
-            out = cipher._fg_aead.encrypt(cipher._iv, b"".join((bytes((padlen, pkttype)), *args, urandom(padlen))),
+            out = cipher._fg_aead.encrypt(cipher._iv, b"".join((bytes((padlen, pkttype)), *args, padding.take(padlen))),
                                           hdr)
             cipher._update_iv()
             self._send(hdr + out)
@@ -792,6 +799,26 @@ def _fast_send(C: type) -> None:
         send_packet(self, pkttype, *args, handler=handler)
 
     C.send_packet = patched
+
+
+class _Padding:
+    """Random padding bytes cut from a pool refilled from os.urandom, not a getrandom()
+    call per packet (4-19 bytes each; under AES-GCM the padding is encrypted, and OpenSSH
+    takes it from its arc4random stream in the same way)."""
+
+    SIZE = 65536
+
+    def __init__(self) -> None:
+        self._pool = _os.urandom(self.SIZE)
+        self._at = 0
+
+    def take(self, n: int) -> bytes:
+        at = self._at
+        if at + n > self.SIZE:
+            self._pool = _os.urandom(self.SIZE)
+            at = 0
+        self._at = at + n
+        return self._pool[at:at + n]
 
 
 def _fast_recv(C: type) -> None:
