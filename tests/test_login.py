@@ -160,3 +160,88 @@ async def test_timings_say_whether_the_login_needed_a_wake(nursery, autojump_clo
     assert [woke for woke, _ in ready] == [True, False]  # the first woke box1, the second found it running
     assert ready[0][1] > 0 and ready[1][1] == 0  # the fake boot takes (mock) time; a running machine none
     assert len(connected) == 2
+
+
+# -- lazy upstream (issue 15): a jump needs the machine, not the gateway's own login ----------
+
+from fleetgate.login import connect_upstream  # noqa: E402
+
+
+async def test_a_lazy_login_holds_the_machine_without_logging_in(nursery, autojump_clock):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    up = Upstream()
+    ready: list[tuple[bool, float]] = []
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=up, lazy=True,
+                           ready=lambda woke, s: ready.append((woke, s)))
+    assert session.upstream is None and up.calls == []  # the machine's sshd saw nothing from us
+    assert fleet.machines["box1"].state is State.RUNNING and fleet.machines["box1"].sessions == 1
+    assert session.woke and session.waited > 0 and ready == []  # the caller observes readiness
+    connected: list[float] = []
+    assert await connect_upstream(session, fleet=fleet, connect=up, connected=connected.append) == "conn"
+    assert session.upstream == "conn" and len(up.calls) == 1 and len(connected) == 1
+    assert fleet.machines["box1"].sessions == 1  # still the one lease
+    session.lease.release()
+
+
+async def test_a_password_login_is_never_lazy(nursery, autojump_clock):
+    """Only the machine's sshd can check the password, before the user is let in."""
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    up = Upstream()
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=up, password="pw", lazy=True)
+    assert session.upstream == "conn" and up.calls == [("box1", "alice", "pw")]
+    session.lease.release()
+
+
+@pytest.mark.parametrize("reason", ["host_key_mismatch", "upstream_auth"])
+async def test_a_failed_lazy_login_lets_the_machine_go(nursery, autojump_clock, reason):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    failures: list[str] = []
+    up = Upstream(UpstreamError(reason, f"fleetgate: {reason}"))
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=up, lazy=True)
+    with pytest.raises(Refused) as refused:
+        await connect_upstream(session, fleet=fleet, connect=up, upstream_failed=failures.append)
+    assert refused.value.reason == "upstream_failed" and refused.value.message == f"fleetgate: {reason}"
+    assert failures == [reason] and len(up.calls) == 1
+    assert session.lease is None and fleet.machines["box1"].sessions == 0
+
+
+async def test_a_lazy_login_to_a_machine_that_died_wakes_it_again_once(nursery, autojump_clock):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=Upstream(), lazy=True)
+    from fleetgate.backends.base import PowerState
+    backend.power["box1"] = PowerState.STOPPED  # died between the user's login and the first session
+    up = Upstream(UpstreamError("upstream_error", "cannot reach box1"), "conn2")
+    assert await connect_upstream(session, fleet=fleet, connect=up) == "conn2"
+    assert backend.count("start", "box1") == 2 and fleet.machines["box1"].sessions == 1
+    session.lease.release()
+
+
+async def test_a_lazy_login_after_a_jump_dropped_the_lease_holds_the_machine_again(nursery, autojump_clock):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=Upstream(), lazy=True)
+    session.lease.release()  # a pure jump lets the login's own hold go
+    session.lease = None
+    await fleet.stop("box1")
+    assert await connect_upstream(session, fleet=fleet, connect=Upstream()) == "conn"
+    assert fleet.machines["box1"].state is State.RUNNING and fleet.machines["box1"].sessions == 1
+    session.lease.release()
+
+
+async def test_a_lazy_login_cancelled_mid_handshake_holds_nothing(nursery, autojump_clock):
+    backend = FakeBackend()
+    fleet = make_fleet(nursery, backend, machine_config("box1"))
+    session = await log_in("alice", router=router("box1"), fleet=fleet, connect=Upstream(), lazy=True)
+
+    async def slow_upstream(target, address, password):
+        await trio.sleep(5)
+        return "conn"
+
+    with trio.move_on_after(1):
+        await connect_upstream(session, fleet=fleet, connect=slow_upstream)
+        raise AssertionError("not cancelled")
+    assert session.lease is None and session.upstream is None and fleet.machines["box1"].sessions == 0

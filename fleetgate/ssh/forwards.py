@@ -4,6 +4,14 @@ The gateway never connects to an address a user picks: a jump goes to a machine'
 port (by machine name, so `ssh -J gw alice@box2` stays end to end encrypted), and `-L`
 is opened by the machine's own sshd (policy `local`: only to its loopback), so the
 machine's sshd decides what its user may reach, as it would without the gateway.
+
+A jump needs only a TCP connection to the machine's sshd, never the gateway's own
+upstream login; -L and -R go through that login, opened on first need
+(owner.upstream_connection(), see front.py), and a failure to log in reaches the user as
+the channel's open failure (-L) or a refused forward (-R, logged with the reason).
+
+The user's side of a jump or -L channel gets the gateway's window and packet size
+(gateway.window, gateway.max_packet), as session channels do, not asyncssh's defaults.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ class Owner(Protocol):
     max_packet: int
 
     def hold(self) -> None: ...
+    def settle_login(self, result: str, upstream_seconds: float | None = None) -> None: ...
+    async def upstream_connection(self) -> Any: ...
     def admit_channel(self, kind: str) -> None: ...
     def audit(self, event: str, **fields: Any) -> None: ...
     def count_bytes(self, mode: str, counted: Any) -> None: ...
@@ -54,6 +64,11 @@ def _add(owner: Owner, pipe: Pipe) -> Pipe:
     if owner.write_paused:
         pipe.transport_paused(True)
     return pipe
+
+
+def _user_channel(owner: Owner) -> Any:
+    """The user's side of a direct-tcpip channel, with the gateway's window and packet size."""
+    return owner.conn.create_tcp_channel(window=owner.window, max_pktsize=owner.max_packet)
 
 
 def _new_pipe(owner: Owner, mode: str) -> Pipe:
@@ -75,7 +90,7 @@ def direct_tcpip(owner: Owner, dest_host: str, dest_port: int, orig_host: str, o
             ctx.metrics.channels.labels("jump", "refused").inc()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             f"fleetgate: {user} may not jump to {dest_host}:{dest_port}")
-        return _jump(owner, dest_host)
+        return _user_channel(owner), _jump(owner, dest_host)
     policy = ctx.config.gateway.forwarding
     if policy == "none" or (policy == "local" and dest_host.lower() not in LOOPBACK_NAMES):
         ctx.metrics.channels.labels("forward", "refused").inc()
@@ -84,12 +99,13 @@ def direct_tcpip(owner: Owner, dest_host: str, dest_port: int, orig_host: str, o
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             f"fleetgate: forwarding to {dest_host}:{dest_port} is not allowed; jump targets are machine names")
     owner.hold()
-    return _local_forward(owner, dest_host, dest_port, orig_host, orig_port)
+    return _user_channel(owner), _local_forward(owner, dest_host, dest_port, orig_host, orig_port)
 
 
 async def _jump(owner: Owner, machine: str) -> Any:
     """Splice the channel to the machine's SSH port: the inner session stays end to end."""
     ctx = owner.ctx
+    owner.settle_login("authenticated")  # a jump needs no upstream login: this one worked
     if owner.jump_only and owner.lease is not None:
         # A pure jump connection should not keep the login's default machine awake.
         bridge.call_trio_sync(owner.lease.release)
@@ -111,7 +127,7 @@ async def _jump(owner: Owner, machine: str) -> Any:
         owner.audit("session_end", mode="jump", machine=machine, bytes_up=p.bytes.up, bytes_down=p.bytes.down,
                     seconds=round(time.monotonic() - t0, 3), result="closed")
 
-    pipe = _add(owner, Pipe("jump", done))
+    pipe = _add(owner, Pipe("jump", done, batch_machine=True))
     try:
         sock = await bridge.run_trio(transport.open_stream, address)  # TCP or VSOCK, bounded
         await asyncio.get_running_loop().create_connection(lambda: pipe.machine, sock=sock)
@@ -136,9 +152,14 @@ async def _jump(owner: Owner, machine: str) -> Any:
 async def _local_forward(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
     """-L: open the same direct-tcpip on the machine, so its sshd decides and connects."""
     ctx = owner.ctx
+    try:
+        upstream = await owner.upstream_connection()
+    except asyncssh.ChannelOpenError:
+        ctx.metrics.channels.labels("forward", "connect_failed").inc()
+        raise
     pipe = _new_pipe(owner, "forward")
     try:
-        await owner.upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
+        await upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
                                                window=owner.window, max_pktsize=owner.max_packet)
     except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
         owner.pipes.discard(pipe)
@@ -158,8 +179,15 @@ def remote_forward(owner: Owner, listen_host: str, listen_port: int) -> Any:
 
 
 async def _remote_forward(owner: Owner, listen_host: str, listen_port: int) -> Any:
-    assert owner.upstream is not None and owner.conn is not None
+    assert owner.conn is not None
     actual: dict[str, int] = {}
+    try:
+        upstream = await owner.upstream_connection()
+    except asyncssh.ChannelOpenError as exc:
+        # A global request carries no message: the reason goes to the log (and the metrics).
+        log.info("remote forward refused machine=%s listen=%s:%s error=%s", owner.machine, listen_host,
+                 listen_port, exc.reason)
+        return False
 
     async def on_connection(orig_host: str, orig_port: int) -> Any:
         owner.admit_channel("remote_forward")
@@ -174,7 +202,7 @@ async def _remote_forward(owner: Owner, listen_host: str, listen_port: int) -> A
         return pipe.machine
 
     try:
-        listener = await internals.create_remote_listener(owner.upstream, on_connection, listen_host, listen_port,
+        listener = await internals.create_remote_listener(upstream, on_connection, listen_host, listen_port,
                                                           owner.window, owner.max_packet)
     except (asyncssh.ChannelListenError, asyncssh.Error, OSError) as exc:
         log.info("remote forward refused machine=%s listen=%s:%s error=%s", owner.machine, listen_host,

@@ -8,12 +8,22 @@ fleetgate/login.py, plain trio, called once through the bridge. USERAUTH_SUCCESS
 held back meanwhile, which is what lets us show progress as SSH auth banners: OpenSSH
 prints them on stderr, where they never mix with the data of scp, sftp or rsync.
 
+The upstream SSH login is lazy for key and certificate logins (upstream_connection()):
+the wake finishes before USERAUTH_SUCCESS as before (the machine runs and its sshd
+answered), but the gateway logs in to the machine only when a channel first needs it (a
+session, -L, -R). A jump (`ssh -J`) needs only the machine's TCP port, so a jump-only
+connection costs the machine's sshd one SSH login instead of two. A password login
+stays eager: only the machine's sshd can check the password, before the user is let in.
+The connection's outcome (fleetgate_connections_total, time-to-shell) is counted when it
+is known: the lazy login succeeded or failed, the first jump, or the connection's end.
+
 The callbacks here stay thin: they translate asyncssh's questions into calls on the
 login flow, the relays (relay.py, pipe.py) and the forwards (forwards.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -28,7 +38,7 @@ from . import bridge, devices, forwards, internals
 from . import upstream as upstream_mod
 from .context import FrontContext
 from .pipe import Pipe
-from .relay import SessionRelay
+from .relay import EXIT_LOST, SessionRelay
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,9 @@ class FrontConnection(asyncssh.SSHServer):
         self._key_is_cert = False
         self.device: str | None = None  # a device's connection (device:NAME): only its own tunnel
         self.tunnel: devices.DeviceTunnel | None = None
+        self._session: login_mod.Session | None = None  # timings of the login, for the lazy upstream
+        self._upstream_task: asyncio.Task | None = None  # the lazy upstream login in progress
+        self._outcome_pending = False  # authenticated; connections_total waits for the lazy upstream
 
     # -- what relays and forwards read ----------------------------------------------------
 
@@ -164,6 +177,8 @@ class FrontConnection(asyncssh.SSHServer):
         self.ctx.grace.stop(self)
         self._give_user_slot()
         self.ctx.remove_connection(self)
+        if self._upstream_task is not None:
+            self._upstream_task.cancel()  # its trio side lets the lease go (login.connect_upstream)
         for pipe in list(self.pipes):
             pipe.abort()
         if self.tunnel is not None:
@@ -173,6 +188,7 @@ class FrontConnection(asyncssh.SSHServer):
             bridge.call_trio_sync(lease.release)
         self.holds.clear()
         if self.authorized:
+            self.settle_login("authenticated")  # nothing needed the upstream: the login worked
             seconds = time.monotonic() - self._t0
             self.ctx.metrics.session_duration.observe(seconds)
             log.info("connection closed user=%s machine=%s peer=%s seconds=%.1f",
@@ -271,9 +287,105 @@ class FrontConnection(asyncssh.SSHServer):
             upstream_failed=lambda reason: ctx.metrics.upstream_failures.labels(reason).inc(),
             info=self._login_info(login, password),
             connected=ctx.metrics.upstream_handshake.observe,
-            ready=lambda woke, seconds: ctx.metrics.time_to_shell.labels("yes" if woke else "no").observe(seconds))
+            ready=lambda woke, seconds: ctx.metrics.time_to_shell.labels("yes" if woke else "no").observe(seconds),
+            lazy=True)
         self._drop_login()
+        self._session = session
         self.target, self.lease, self.upstream = session.target, session.lease, session.upstream
+        self._outcome_pending = session.upstream is None
+
+    def settle_login(self, result: str, upstream_seconds: float | None = None) -> None:
+        """Count the outcome of a lazy login once it is known (see the module doc).
+
+        time-to-shell is the gateway's own work: from authentication to the machine held,
+        plus the upstream login when one was needed; the time the client took to ask for its
+        first channel is not ours and is not counted."""
+        if not self._outcome_pending:
+            return
+        self._outcome_pending = False
+        self._count(result)
+        session = self._session
+        if result == "authenticated" and session is not None:
+            seconds = session.waited + (upstream_seconds or 0.0)
+            self.ctx.metrics.time_to_shell.labels("yes" if session.woke else "no").observe(seconds)
+
+    async def upstream_connection(self) -> asyncssh.SSHClientConnection:
+        """The upstream login, opened the first time a channel needs it and shared after.
+
+        Concurrent channels (a session and -L opened together) wait for the same login.
+        Raises ChannelOpenError with the sentence for the user when it cannot be had."""
+        if self.upstream is not None:
+            return self.upstream
+        if self.closed or self._session is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "fleetgate: no connection to the machine")
+        task = self._upstream_task
+        if task is None:
+            task = self._upstream_task = asyncio.ensure_future(self._open_upstream())
+        try:
+            message = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this channel's own open was cancelled
+            message = "fleetgate: the connection closed"  # the login was cancelled (connection_lost)
+        if self.upstream is None:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, message)
+        return self.upstream
+
+    async def _open_upstream(self) -> str:
+        """Run the lazy login (trio side); '' when it worked, else the user's sentence."""
+        try:
+            await bridge.run_trio(self._connect_lazily)
+        except login_mod.Refused as refused:
+            return refused.message
+        finally:
+            self._upstream_task = None
+        return ""
+
+    async def _connect_lazily(self) -> None:
+        """login.connect_upstream for this connection, in trio.
+
+        The login's lease is handed to connect_upstream (which lets it go on failure: a
+        connection that cannot reach its machine keeps nothing awake) and taken back, with
+        the upstream, in the same step with no checkpoint: connection_lost() either sees both
+        or cancels the attempt, so nothing is leaked."""
+        ctx = self.ctx
+        session = self._session
+        assert session is not None
+        session.lease, self.lease = self.lease, None
+        handshake: list[float] = []
+
+        def connected(seconds: float) -> None:
+            handshake.append(seconds)
+            ctx.metrics.upstream_handshake.observe(seconds)
+
+        try:
+            await login_mod.connect_upstream(
+                session, fleet=ctx.fleet,
+                connect=lambda target, address, pw: bridge.run_aio(self._connect_upstream, target, address, pw),
+                still_wanted=lambda: not self.closed,
+                upstream_failed=lambda reason: ctx.metrics.upstream_failures.labels(reason).inc(),
+                connected=connected)
+        except login_mod.Refused as refused:
+            if self.lease is not None:  # a channel's hold() taken meanwhile: nothing to hold it for
+                self.lease.release()
+                self.lease = None
+            if refused.reason != "gone":
+                self.settle_login(refused.reason)
+                self.audit("session_refused", mode="relay", result=refused.reason, reason=refused.message)
+            raise
+        if self.closed:
+            session.upstream.close()
+            session.upstream = None
+            if session.lease is not None:
+                session.lease.release()
+                session.lease = None
+            raise login_mod.Refused("gone", "fleetgate: the client left")
+        if self.lease is not None:  # a channel held the machine (hold()) while we logged in
+            self.lease.release()
+        self.lease, self.upstream = session.lease, session.upstream
+        session.lease = None
+        self.settle_login("authenticated", handshake[-1] if handshake else 0.0)
 
     def _drop_login(self) -> None:
         if self.upstream is not None:
@@ -329,7 +441,8 @@ class FrontConnection(asyncssh.SSHServer):
             self._give_user_slot()
             return False
         self.authorized = True
-        self._count("authenticated")
+        if not self._outcome_pending:
+            self._count("authenticated")
         self.audit("session_start", mode="relay", method="password" if password is not None else "publickey")
         log.info("connection authenticated user=%s machine=%s peer=%s", self.target.user, self.machine, self.peer)
         return True
@@ -405,7 +518,21 @@ class FrontConnection(asyncssh.SSHServer):
         if self.write_paused:
             relay.transport_paused(True)
         self.sessions.add(relay)
-        return chan, relay
+        if self.upstream is not None:
+            return chan, relay
+        return chan, self._relay_after_upstream(relay)
+
+    async def _relay_after_upstream(self, relay: SessionRelay) -> asyncssh.SSHServerSession:
+        """The channel's confirmation waits for the lazy upstream login (the relay reads
+        `upstream` when the session starts); if it fails the session still opens, so that
+        the user reads why on stderr and gets exit status 255, as for a lost machine."""
+        try:
+            await self.upstream_connection()
+        except asyncssh.ChannelOpenError as exc:
+            self.sessions.discard(relay)
+            self.channel_result("session", "connect_failed")
+            return _RefusedSession(exc.reason)
+        return relay
 
     def notify(self, text: str) -> None:
         """Tell this user something (shutdown): on each session's stderr, or as a banner before auth."""
@@ -452,3 +579,35 @@ class FrontConnection(asyncssh.SSHServer):
             self.count_bytes("relay", relay.bytes)
         for pipe in list(self.pipes):
             self.count_bytes(pipe.mode, pipe.bytes)
+
+
+class _RefusedSession(asyncssh.SSHServerSession):
+    """A session whose machine could not be logged in to: it says why on stderr, exits 255.
+
+    OpenSSH reports a session channel that fails to open only as "channel 0: open failed",
+    and some clients (scp, sftp, IDEs) hide that; stderr and exit 255 is how OpenSSH
+    reports a lost connection, so every client shows the sentence."""
+
+    def __init__(self, message: str):
+        self._message = message
+        self._chan: asyncssh.SSHServerChannel | None = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self._chan = chan
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        self._chan.write_stderr((self._message + "\r\n").encode())
+        self._chan.exit(EXIT_LOST)
