@@ -18,6 +18,13 @@ each crossing is visible and every asyncio task has an owner:
 - `AsyncioTasks`: the supervisor of asyncio tasks (a relay opening its upstream
   channel, the grace sweeper): each is tracked, its failure is logged rather than lost,
   and `cancel_all()` ends them at shutdown.
+
+One change to trio-asyncio itself (`_lean_io_wakeups`, on the tested version only): after
+each readiness callback (one per received chunk on every SSH socket) trio-asyncio waits for
+the asyncio queue to drain with a round trip through its main loop task, even when nothing
+was queued. It now does that round trip only when the callback queued something, which
+keeps asyncio's order (callbacks queued by a read run before the next read) and saves three
+task switches per received chunk: about a tenth of the relay's CPU per GiB and of a login's.
 """
 
 from __future__ import annotations
@@ -30,8 +37,12 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import trio_asyncio
+from trio_asyncio import _async as _trio_asyncio_async
+from trio_asyncio import _base as _trio_asyncio_base
 
 log = logging.getLogger(__name__)
+
+TESTED_TRIO_ASYNCIO = ("0.16.",)
 
 T = TypeVar("T")
 
@@ -79,9 +90,59 @@ class LoopErrors:
                       context.get("message", ""), exc, more, exc_info=exc if kind == "other" else None)
 
 
+def _lean_io_wakeups() -> bool:
+    """Install the lean readiness task (module doc) once; False on an untested trio-asyncio."""
+    L = _trio_asyncio_base.BaseTrioEventLoop
+    A = _trio_asyncio_async.TrioEventLoop
+    if getattr(L, "_fg_lean", False):
+        return True
+    if (not trio_asyncio.__version__.startswith(TESTED_TRIO_ASYNCIO) or not hasattr(L, "_io_task")
+            or "_queue_handle" not in vars(A)):
+        log.warning("trio-asyncio %s is not the tested version: readiness callbacks keep their full "
+                    "round trip (slower, same behaviour)", trio_asyncio.__version__)
+        return False
+
+    async def _io_task(self: Any, fd: int, handle: Any, wait_ready: Callable[[int], Awaitable[None]]) -> None:
+        # trio-asyncio 0.16's _io_task, but synchronize() only when the callback queued work.
+        with handle._scope:
+            try:
+                while True:
+                    if handle._cancelled:
+                        break
+                    try:
+                        await wait_ready(fd)
+                    except OSError:
+                        if handle._cancelled:
+                            break
+                        raise
+                    if handle._cancelled:
+                        break
+                    queued = self._fg_queued
+                    handle._run()
+                    if self._fg_queued != queued:
+                        await self.synchronize()
+            except Exception as exc:
+                handle._raise(exc)
+
+    queue_handle = A._queue_handle
+
+    def _queue_handle(self: Any, handle: Any) -> Any:
+        # Counted, since a handle given straight to the waiting main loop task leaves the
+        # channel's buffer empty: only the count says that the callback queued something.
+        self._fg_queued += 1
+        return queue_handle(self, handle)
+
+    L._fg_queued = 0
+    A._queue_handle = _queue_handle
+    L._io_task = _io_task
+    L._fg_lean = True
+    return True
+
+
 @asynccontextmanager
 async def open_loop(on_error: Callable[[str], None] | None = None) -> AsyncIterator[Any]:
     """The asyncio loop inside trio, with an exception handler that never ends the process."""
+    _lean_io_wakeups()
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(LoopErrors(on_error))
         yield loop

@@ -1,0 +1,61 @@
+"""The trio-asyncio bridge: readiness callbacks keep asyncio's order without a round trip per chunk."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+from fleetgate.ssh import bridge
+
+
+async def test_lean_wakeups_keep_asyncio_order_and_skip_the_round_trip_when_nothing_was_queued(monkeypatch):
+    assert bridge._lean_io_wakeups()
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    events: list[str] = []
+    syncs = 0
+    try:
+        async with bridge.open_loop() as loop:
+            synchronize = loop.synchronize
+
+            async def counting_synchronize() -> None:
+                nonlocal syncs
+                syncs += 1
+                await synchronize()
+
+            monkeypatch.setattr(loop, "synchronize", counting_synchronize)
+            got = trio.Event()
+
+            def readable() -> None:
+                data = os.read(r, 100)
+                events.append(f"read {data.decode()}")
+                if data == b"b":  # asyncio: what a callback queues runs before the next read
+                    loop.call_soon(events.append, "queued by b")
+                if data == b"c":
+                    got.set()
+
+            loop.add_reader(r, readable)
+            with trio.fail_after(10):
+                os.write(w, b"a")
+                while len(events) < 1:
+                    await trio.sleep(0)  # let the reader task run (nothing to await: asyncio callback)
+                assert syncs == 0, "nothing was queued: no round trip through the asyncio main loop"
+                os.write(w, b"b")
+                while len(events) < 2:
+                    await trio.sleep(0)
+                os.write(w, b"c")
+                await got.wait()
+            loop.remove_reader(r)
+            assert events == ["read a", "read b", "queued by b", "read c"], events
+            assert syncs == 1
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_lean_task_is_installed_only_on_the_tested_trio_asyncio(monkeypatch):
+    import trio_asyncio
+
+    assert trio_asyncio.__version__.startswith(bridge.TESTED_TRIO_ASYNCIO)
+    assert getattr(bridge._trio_asyncio_base.BaseTrioEventLoop, "_fg_lean", False) or bridge._lean_io_wakeups()
