@@ -242,6 +242,9 @@ def measure(args: argparse.Namespace) -> dict:
         procs.append(warm)
         _read_json(warm, 60)
         base = _rss_kib(gw_pid)
+        if os.environ.get("BENCH_SIGUSR1"):
+            os.kill(gw_pid, 10)
+            time.sleep(10)
         for n in args.sessions:
             per_proc = 2500
             holders = [_spawn("--hold", str(work), str(port), str(min(per_proc, n - i)))

@@ -37,6 +37,8 @@ with a warning, on any other version.
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import logging
 import weakref
 from typing import Any, Awaitable, Callable
@@ -75,6 +77,7 @@ def apply_relay_tuning() -> bool:
     _no_packet_logging()
     _lazy_keepalive(C)
     _cork(C)
+    _no_config_reload(_connection.SSHServerConnection)
     _applied = True
     apply_fast_path()
     return True
@@ -180,6 +183,37 @@ def _cork(C: type) -> None:
     C._send = send
     C.data_received = received
     C._force_close = closing
+
+
+def _no_config_reload(S: type) -> None:
+    """asyncssh re-reads the server's OpenSSH-style config for the user name at the start of
+    authentication, building new options in a worker thread. fleetgate's front loads no such
+    file, so the result would equal what it has: skipped (a thread hand-off and the cost of
+    an options object per login)."""
+    reload = S.reload_config
+
+    async def reload_config(self):
+        if self._options.config.loaded or self._rdns_lookup:
+            await reload(self)
+
+    S.reload_config = reload_config
+
+
+async def connect_prepared(options: asyncssh.SSHClientConnectionOptions, sock: Any = None) -> asyncssh.SSHClientConnection:
+    """asyncssh.connect() with options prepared once (asyncssh.SSHClientConnectionOptions.construct):
+    each connection gets a shallow copy (asyncssh keeps per-connection state such as the
+    auth waiter on it), not options rebuilt in a worker thread."""
+    if not _applied or not hasattr(_connection, "_connect"):  # untested asyncssh: its public way
+        return await asyncssh.connect(options.host, options.port, options=options, sock=sock, config=None)
+    opts = copy.copy(options)
+    loop = asyncio.get_event_loop()
+
+    def factory() -> asyncssh.SSHClientConnection:
+        return _connection.SSHClientConnection(loop, opts, wait="auth")
+
+    return await asyncio.wait_for(
+        _connection._connect(opts, None, loop, 0, sock, factory, "Opening SSH connection to"),
+        timeout=opts.connect_timeout)
 
 
 def set_agent_forward_path(upstream: asyncssh.SSHClientConnection, path: str | None) -> None:

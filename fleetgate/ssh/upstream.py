@@ -13,7 +13,7 @@ from .. import transport
 from ..backends.base import TCP, Address
 from ..errors import UpstreamError
 from ..config import UPSTREAM_CIPHERS, GatewayConfig, MachineConfig
-from . import bridge
+from . import bridge, internals
 from .certs import CertPolicy, sign_session_key
 
 CONNECT_TIMEOUT = 15.0
@@ -37,6 +37,44 @@ def _client_keys(mc: MachineConfig, upstream_user: str, login: str, ca: asyncssh
     return [str(mc.identity)]
 
 
+# Prepared client options per (machine config, address, account): asyncssh.connect() builds
+# its options in a worker thread on every call (reading the key file, parsing known hosts,
+# expanding algorithm lists), which was most of a login's CPU and two thread hand-offs.
+# Built once and copied per connection instead; a config reload makes new MachineConfig
+# objects, so a reload (SIGHUP) picks up a rotated key file, as it does every other file.
+_PREPARED: dict[tuple, tuple[MachineConfig, asyncssh.SSHClientConnectionOptions]] = {}
+PREPARED_MAX = 4096
+
+
+async def _options(mc: MachineConfig, host: str, port: int, upstream_user: str, gw: GatewayConfig,
+                   login: str, ca: asyncssh.SSHKey | None, password: str | None) -> asyncssh.SSHClientConnectionOptions:
+    """The options for one upstream login: prepared once, unless they differ per login (a
+    certificate signed for this login, or the user's password)."""
+    per_login = password is not None or mc.upstream_auth == "certificate"
+    key = (mc.name, host, port, upstream_user)
+    if not per_login:
+        hit = _PREPARED.get(key)
+        if hit is not None and hit[0] is mc:
+            return hit[1]
+    options = await asyncssh.SSHClientConnectionOptions.construct(
+        None, host=host, port=port,
+        username=upstream_user,
+        client_keys=None if password is not None else _client_keys(mc, upstream_user, login, ca),
+        password=password,
+        known_hosts=_known_hosts(mc),
+        config=None, agent_path=None, agent_forwarding=False,
+        password_auth=password is not None, kbdint_auth=False, gss_auth=False, host_based_auth=False,
+        encryption_algs=list(UPSTREAM_CIPHERS), compression_algs=None,
+        keepalive_interval=gw.keepalive_interval, keepalive_count_max=3,
+        connect_timeout=CONNECT_TIMEOUT,
+    )
+    if not per_login:
+        if len(_PREPARED) >= PREPARED_MAX:
+            _PREPARED.clear()
+        _PREPARED[key] = (mc, options)
+    return options
+
+
 async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: GatewayConfig,
                   login: str = "", ca: asyncssh.SSHKey | None = None,
                   password: str | None = None) -> asyncssh.SSHClientConnection:
@@ -56,18 +94,8 @@ async def connect(mc: MachineConfig, address: Address, upstream_user: str, gw: G
             raise UpstreamError("upstream_error", f"fleetgate: cannot reach {mc.name} at {address}: "
                                                   f"{exc.strerror or exc}") from None
     try:
-        return await asyncssh.connect(
-            host, address.port, sock=sock,
-            username=upstream_user,
-            client_keys=None if password is not None else _client_keys(mc, upstream_user, login, ca),
-            password=password,
-            known_hosts=_known_hosts(mc),
-            config=None, agent_path=None, agent_forwarding=False,
-            password_auth=password is not None, kbdint_auth=False, gss_auth=False, host_based_auth=False,
-            encryption_algs=list(UPSTREAM_CIPHERS), compression_algs=None,
-            keepalive_interval=gw.keepalive_interval, keepalive_count_max=3,
-            connect_timeout=CONNECT_TIMEOUT,
-        )
+        options = await _options(mc, host, address.port, upstream_user, gw, login, ca, password)
+        return await internals.connect_prepared(options, sock)
     except asyncssh.HostKeyNotVerifiable:
         raise UpstreamError("host_key_mismatch", f"fleetgate: host key of {mc.name} changed; refusing to connect") from None
     except asyncssh.PermissionDenied:
