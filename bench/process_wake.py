@@ -50,7 +50,8 @@ async def one_mode(d: Path, isolation: str, runs: int) -> tuple[list[float], lis
             t0 = time.perf_counter()
             await backend.start(mc)
             with trio.fail_after(30):
-                # Polled every 5 ms (the gateway's probe waits 100-250 ms between tries).
+                # Polled every 5 ms, as the gateway's probe does during a wake's first 50 ms
+                # (bench/wake.py measures what the gateway adds on top of this).
                 while await probe.read_banner(await backend.address(mc)) is None:
                     await trio.sleep(0.005)
             wakes.append(time.perf_counter() - t0)

@@ -181,7 +181,7 @@ class App:
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"only GET\n"
         if path == "/metrics":
-            return 200, http.CONTENT_TYPE_METRICS, self.metrics.exposition()
+            return 200, http.CONTENT_TYPE_METRICS, await self.metrics.exposition_async()
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":
@@ -195,10 +195,18 @@ class App:
         self.metrics.http_refusals.labels(reason).inc()
 
     async def _reconcile_loop(self, fleet: Fleet) -> None:
-        """Adopt machines started or stopped outside fleetgate, and notice ones that died."""
+        """Adopt machines started or stopped outside fleetgate, and notice ones that died.
+
+        Each pass spreads its status calls over the interval (Fleet.reconcile), so a status
+        command per machine is a steady load, not a burst every interval; the next pass starts
+        one interval after the previous one started (at once if a pass took longer)."""
+        next_pass = trio.current_time() + self.config.gateway.reconcile_interval
         while True:
-            await trio.sleep(self.config.gateway.reconcile_interval)
-            await fleet.reconcile()
+            await trio.sleep_until(next_pass)
+            g = self.config.gateway  # a reload may change them
+            started = trio.current_time()
+            await fleet.reconcile(concurrency=g.status_concurrency, spread=g.reconcile_interval)
+            next_pass = started + g.reconcile_interval
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled or until `Running.shutdown` is set."""
@@ -218,7 +226,7 @@ class App:
                 store = self.store = build_store(self.config, self.metrics)  # [store]: memory or etcd (docs/ha.md)
                 await nursery.start(store.run)
                 fleet = Fleet(self.config.machines, backends, self.metrics, nursery, store=store)
-                await fleet.reconcile()
+                await fleet.reconcile(concurrency=self.config.gateway.status_concurrency)
                 audit = AuditLog(self.config.audit_file, self.metrics)
                 gateway = Gateway(self.config, fleet, self.build_router(self.config),
                                   self.metrics, audit)

@@ -497,7 +497,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                        "keepalive_interval", "ciphers", "macs", "kex_algorithms", "kexinit_wait",
                        "window", "max_packet", "forwarding", "relay_tuning",
                        "admin_socket", "reconcile_interval", "upstream_ca_key",
-                       "drain_timeout"}, "gateway.")
+                       "drain_timeout", "status_concurrency"}, "gateway.")
     listen = []
     for i, item in enumerate(r.str_list(g, "listen", "gateway.", required=True)):
         hp = r.host_port(item, f"gateway.listen[{i}]")
@@ -558,6 +558,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                          f"or 'none', got '{v}'"),
         admin_socket=r.path(r.get(g, "admin_socket", "gateway.", str)) or (state_dir / "admin.sock"),
         reconcile_interval=r.get(g, "reconcile_interval", "gateway.", float, 30.0, check=_positive),
+        status_concurrency=r.get(g, "status_concurrency", "gateway.", int, 16,
+                                 check=lambda v: None if 1 <= v <= 1024 else "must be between 1 and 1024"),
         upstream_ca_key=upstream_ca_key,
         drain_timeout=r.get(g, "drain_timeout", "gateway.", float, 60.0, check=_non_negative),
     )

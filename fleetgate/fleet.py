@@ -45,6 +45,11 @@ STORE_PATIENCE = 5.0    # shared store: how long a wake retries etcd before refu
 CLAIM_MARGIN = 45.0     # shared store: a start/stop claim outlives the call by this (cleanup stop 30 s + clock skew)
 FAILURE_COOLDOWN = 5.0
 RECONCILE_CALL_TIMEOUT = 30.0
+RECONCILE_CONCURRENCY = 16  # default [gateway] status_concurrency: status calls at once per backend
+RECONCILE_PACE = 1.0        # a spread reconcile starts its calls in steps of this many seconds
+RECONCILE_SLICE = 100       # calls that never checkpoint (process backend): yield after this many
+RECONCILE_LOG_ERRORS = 3    # per backend and pass: the first failures logged one by one, then a count
+RECONCILABLE = ("unknown", "running", "stopped")  # states a status answer may change
 BOOT_HISTORY = 10
 
 
@@ -119,7 +124,7 @@ class Lease:
 class Fleet:
     def __init__(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend],
                  metrics: Metrics, nursery: trio.Nursery,
-                 ready_probe: Callable[[Address], Awaitable[object]] = probe.wait_for_banner,
+                 ready_probe: Callable[[Address], Awaitable[object]] | None = None,
                  store: Store | None = None):
         self.metrics = metrics
         # The store decides fleet-wide (several replicas, etcd) or not at all (memory: this
@@ -131,6 +136,12 @@ class Fleet:
         self._ready_probe = ready_probe
         self._nursery = nursery
         self.machines: dict[str, Machine] = {}
+        # Machines the reaper and the scrape must look at (powered, in use, kept awake, or maybe
+        # running): idle work is proportional to these, not to the whole fleet (issue 15).
+        # Added on every change that can make a machine need it; the reaper drops the ones that
+        # no longer do (awake_needed).
+        self.awake: set[Machine] = set()
+        metrics.before_scrape.append(self.refresh_series)
         self.apply(machines, backends)
 
     def apply(self, machines: Mapping[str, MachineConfig], backends: Mapping[str, Backend]) -> None:
@@ -171,11 +182,25 @@ class Fleet:
     def forget(self, name: str) -> None:
         """A machine left the config and runs no more: drop it and its per-machine series."""
         m = self.machines.pop(name)
+        self.awake.discard(m)
         log.info("machine forgotten machine=%s (removed from the config, %s)", name, m.state.value)
         self.metrics.remove_machine(name)
 
+    def awake_needed(self, m: Machine) -> bool:
+        """Whether the machine still belongs in `awake`: something about it changes with time alone."""
+        return (m.state.value not in ("stopped", "failed", "unknown") or bool(m.sessions)
+                or m.keep_until > trio.current_time() or m.powered_since is not None
+                or (m.state is State.UNKNOWN and m.unknown_since is not None))
+
+    def refresh_series(self) -> None:
+        """Before a scrape: the per-machine series that move with time alone (running seconds, last
+        activity while in use, keep-awake leases that expired), for the machines in `awake` only."""
+        for m in self.awake:
+            self.account_running(m)
+            self._update_lease_gauge(m)
+
     def account_running(self, m: Machine) -> None:
-        """Bring fleetgate_machine_running_seconds_total up to now (state changes and reaper passes)."""
+        """Bring fleetgate_machine_running_seconds_total up to now (state changes and scrapes)."""
         now = trio.current_time()
         if m.powered_since is not None:
             self.metrics.machine_running_seconds.labels(m.name).inc(max(0.0, now - m.powered_since))
@@ -194,6 +219,7 @@ class Fleet:
             if state is State.STOPPED and m.pending_backend is not None:
                 m.backend, m.pending_backend = m.pending_backend, None
             self.metrics.set_state(m.name, state.value)
+            self.awake.add(m)
             m.changed.set()
             m.changed = trio.Event()
 
@@ -207,41 +233,124 @@ class Fleet:
         finally:
             self.metrics.backend_calls.labels(m.backend.name, op, result).observe(trio.current_time() - t0)
 
-    async def reconcile(self) -> None:
+    async def _call_backend(self, backend: Backend, op: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """A backend call for no machine in particular (status_all), timed like _call."""
+        t0 = trio.current_time()
+        result = "error"
+        try:
+            value = await fn()
+            result = "ok"
+            return value
+        finally:
+            self.metrics.backend_calls.labels(backend.name, op, result).observe(trio.current_time() - t0)
+
+    async def reconcile(self, *, concurrency: int = RECONCILE_CONCURRENCY, spread: float = 0.0) -> None:
         """Ask every backend for the real state; adopted running machines get a full idle grace.
+
+        Backends are asked side by side. One that can answer for all its machines at once
+        (Backend.status_all: one command, one API request) is asked once; the others per
+        machine, at most `concurrency` calls at a time per backend, so 10 000 machines take
+        10 000 / concurrency call durations, not 10 000. With `spread` (the periodic
+        reconcile: its interval) the calls start evenly over that many seconds instead of in
+        one burst, so a status command per machine costs a steady share of a core that logins
+        do not feel, rather than seconds of every core at once.
 
         A backend call is a checkpoint: if the machine's state changed meanwhile (a wake or
         a stop of ours began), our answer is stale and that machine is left alone.
         """
+        groups: dict[Backend, list[Machine]] = {}
         for m in self.machines.values():
-            before = m.state
-            if before not in (State.UNKNOWN, State.RUNNING, State.STOPPED):
-                continue  # a wake or stop of ours is in flight; it knows better
+            if m.state.value in RECONCILABLE:
+                groups.setdefault(m.backend, []).append(m)
+        async with trio.open_nursery() as nursery:
+            for backend, machines in groups.items():
+                nursery.start_soon(self._reconcile_backend, backend, machines, max(1, concurrency), spread)
+
+    async def _reconcile_backend(self, backend: Backend, machines: list[Machine], concurrency: int,
+                                 spread: float) -> None:
+        errors = [0]
+        if backend.can_status_all():
+            before = {m: m.state for m in machines}
             try:
                 with trio.fail_after(RECONCILE_CALL_TIMEOUT):
-                    power = await self._call(m, "status", lambda: m.backend.status(m.config))
+                    answers = await self._call_backend(backend, "status", lambda: backend.status_all(
+                        [m.config for m in machines]))
+            except Exception as exc:  # a lying, failing or hanging backend must not stop the gateway
+                log.warning("status of all machines failed backend=%s machines=%d error=%r", backend.name,
+                            len(machines), exc)
+                return
+            rest = []
+            for i, m in enumerate(machines):
+                power = answers.get(m.name)
+                if power is None:
+                    rest.append(m)  # left out of the answer: asked alone, below
+                elif m.state is before[m] and m.backend is backend and self.machines.get(m.name) is m:
+                    await self._reconcile_one(m, power, errors)
+                if i % RECONCILE_SLICE == RECONCILE_SLICE - 1:
+                    await trio.lowlevel.checkpoint()
+            machines = rest
+        if not machines:
+            return
+        # A few workers over one list: no task per machine (cheap backends answer without a
+        # checkpoint, so the workers also yield every RECONCILE_SLICE machines).
+        todo = iter(enumerate(machines))
+        start = trio.current_time()
+        step = spread / len(machines)
+
+        async def worker() -> None:
+            done = 0
+            for i, m in todo:
+                if step:  # in steps of RECONCILE_PACE: few wake-ups however many machines
+                    due = start + (i * step) // RECONCILE_PACE * RECONCILE_PACE
+                    if due > trio.current_time():
+                        await trio.sleep_until(due)
+                if m.state.value in RECONCILABLE and m.backend is backend and self.machines.get(m.name) is m:
+                    await self._reconcile_one(m, None, errors)
+                done += 1
+                if done % RECONCILE_SLICE == 0:
+                    await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(concurrency, len(machines))):
+                nursery.start_soon(worker)
+        if errors[0] > RECONCILE_LOG_ERRORS:
+            log.warning("status failed backend=%s machines=%d (the first %d logged above)", backend.name,
+                        errors[0], RECONCILE_LOG_ERRORS)
+
+    async def _reconcile_one(self, m: Machine, power: PowerState | None, errors: list[int]) -> None:
+        """One machine's status (asked now, or `power` from a status_all answer) applied to its state."""
+        before = m.state
+        address = None
+        if power is None or (power is PowerState.RUNNING and before is not State.RUNNING):
+            try:  # (a status_all answer that changes nothing costs no scope: 10 000 of them a pass)
+                with trio.fail_after(RECONCILE_CALL_TIMEOUT):
+                    if power is None:
+                        power = await self._call(m, "status", lambda: m.backend.status(m.config))
                     address = (await self._call(m, "address", lambda: m.backend.address(m.config))
                                if power is PowerState.RUNNING and before is not State.RUNNING else None)
             except Exception as exc:  # a lying, failing or hanging backend must not stop the gateway
-                log.warning("status failed machine=%s backend=%s error=%r", m.name, m.backend.name, exc)
-                continue
+                errors[0] += 1
+                if errors[0] <= RECONCILE_LOG_ERRORS:
+                    log.warning("status failed machine=%s backend=%s error=%r", m.name, m.backend.name, exc)
+                return
             if m.state is not before:
-                continue
-            if power is PowerState.UNKNOWN and before is State.UNKNOWN and m.unknown_since is None:
-                m.unknown_since = trio.current_time()
-                log.info("machine state cannot be read machine=%s backend=%s: treated as maybe running, "
-                         "stopped when idle (after idle_timeout and min_uptime)", m.name, m.backend.name)
-            if power is PowerState.RUNNING and before is not State.RUNNING:
-                m.address = address
-                m.started_at = m.last_activity = trio.current_time()
-                self.metrics.machine_last_activity.labels(m.name).set(time.time())
-                log.info("adopted running machine=%s (full idle grace)", m.name)
-                self._set_state(m, State.RUNNING)
-            elif power is PowerState.STOPPED and before is not State.STOPPED:
-                if before is State.RUNNING:
-                    log.warning("machine stopped outside fleetgate machine=%s sessions=%d", m.name, m.sessions)
-                    self.metrics.machine_lost.labels(m.backend.name).inc()
-                self._set_state(m, State.STOPPED)
+                return
+        if power is PowerState.UNKNOWN and before is State.UNKNOWN and m.unknown_since is None:
+            m.unknown_since = trio.current_time()
+            self.awake.add(m)  # the reaper stops it when idle
+            log.info("machine state cannot be read machine=%s backend=%s: treated as maybe running, "
+                     "stopped when idle (after idle_timeout and min_uptime)", m.name, m.backend.name)
+        if power is PowerState.RUNNING and before is not State.RUNNING:
+            m.address = address
+            m.started_at = m.last_activity = trio.current_time()
+            self.metrics.machine_last_activity.labels(m.name).set(time.time())
+            log.info("adopted running machine=%s (full idle grace)", m.name)
+            self._set_state(m, State.RUNNING)
+        elif power is PowerState.STOPPED and before is not State.STOPPED:
+            if before is State.RUNNING:
+                log.warning("machine stopped outside fleetgate machine=%s sessions=%d", m.name, m.sessions)
+                self.metrics.machine_lost.labels(m.backend.name).inc()
+            self._set_state(m, State.STOPPED)
 
     # -- waking --------------------------------------------------------------------------
 
@@ -306,6 +415,21 @@ class Fleet:
         if wake.error is not None:
             raise wake.error
 
+    async def _probe_ready(self, m: Machine, address: Address, since: float | None = None) -> None:
+        """Wait for the machine's SSH banner (unbounded: the caller's scope bounds it).
+
+        The probe is paced by the machine's usual boot (probe.Pacing): `since` is when its
+        start call began, so the probe is told how long is usually still to go (None: no
+        start of ours, no expectation)."""
+        if self._ready_probe is not None:   # tests: a fake readiness
+            await self._ready_probe(address)
+            return
+        typical = m.typical_boot()
+        expected = None
+        if typical is not None and since is not None:
+            expected = max(0.0, typical - (trio.current_time() - since))
+        await probe.wait_for_banner(address, expected)
+
     async def _run_wake(self, m: Machine, wake: _Wake) -> None:
         t0 = trio.current_time()
         cfg = m.config
@@ -316,7 +440,7 @@ class Fleet:
                 m.start_calls += 1
                 await self._call(m, "start", lambda: m.backend.start(cfg))
                 address = await self._call(m, "address", lambda: m.backend.address(cfg))
-                await self._ready_probe(address)
+                await self._probe_ready(m, address, since=t0)
         except trio.TooSlowError:
             error = WakeError("boot_timeout", f"fleetgate: {m.name} did not answer within {cfg.boot_timeout:g} s")
         except BackendError as exc:
@@ -392,6 +516,7 @@ class Fleet:
 
     def _lease(self, m: Machine) -> Lease:
         m.sessions += 1
+        self.awake.add(m)
         m.last_activity = trio.current_time()
         self.metrics.active_sessions.labels(m.name).set(m.sessions)
         self._sessions_changed(m)
@@ -450,6 +575,7 @@ class Fleet:
         m = self.machines[name]
         until = trio.current_time() + seconds
         m.keep_until = max(m.keep_until, until)
+        self.awake.add(m)
         self._update_lease_gauge(m)
         log.info("keep-awake machine=%s seconds=%.0f", m.name, seconds)
         if self.shared:
@@ -700,7 +826,7 @@ class Fleet:
                         try:
                             with trio.fail_after(min(cfg.boot_timeout, 15.0)):
                                 address = await self._call(m, "address", lambda: m.backend.address(cfg))
-                                await self._ready_probe(address)
+                                await self._probe_ready(m, address)
                         except Exception as exc:  # not really up (died, or a stale state): start it
                             log.info("machine marked running in the store does not answer machine=%s: %r", m.name, exc)
                         else:

@@ -10,12 +10,17 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-from typing import Callable
+import time
+from typing import Callable, Iterator
 from pathlib import Path
 
 import prometheus_client
+import trio
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
                                ProcessCollector)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -82,12 +87,197 @@ WEBHOOK_RESULTS = ("ok", "refused", "timeout", "error", "bad_answer")
 STORE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
+# -- per-machine series (issue 15) ----------------------------------------------------------------
+#
+# With 10 000 machines, one prometheus_client child per machine and label set made a scrape take
+# ~0.8 s of the event loop (90 000 series through generate_latest) and every reaper pass update
+# 50 000 children. Instead each machine has one small record the Fleet writes into when
+# something changes (through the same `.labels(machine).set()` calls as before), and the series
+# are produced from the records at scrape time: rendered directly as text (the same bytes
+# generate_latest would write, checked by tests/test_scale_metrics.py) in slices, with a
+# checkpoint between slices so that logins and /healthz are served meanwhile. Five series per
+# machine: its current state only (value 1; the other states are absent, not 0), sessions,
+# keep-awake leases, last activity and running seconds.
+
+SCRAPE_SLICE = 2000  # machines rendered between two checkpoints (~1 ms of the event loop)
+# A scrape within this many render durations of the last one gets the last body: scrapers
+# back to back (a broken scraper, a loop of curl) take at most ~1/(1+RENDER_REUSE) of the event
+# loop from logins, whatever the fleet's size. Prometheus, every 15 s or more, always gets a
+# fresh one (a render takes ~5 ms, ~15 ms at 10 000 machines).
+RENDER_REUSE = 4
+
+MACHINE_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    # (exported name, type, attribute of MachineSeries, help)
+    ("fleetgate_machine_state", "gauge", "state",
+     "1 for the machine's current state (only that state's series is exported)."),
+    ("fleetgate_active_sessions", "gauge", "sessions",
+     "Connections and channels currently holding a machine awake."),
+    ("fleetgate_keep_awake_leases", "gauge", "leases", "Keep-awake leases currently held, per machine."),
+    ("fleetgate_machine_last_activity_timestamp_seconds", "gauge", "last_activity",
+     "Unix time a machine's last session ended, or now while sessions hold it (0 until known); idle time is "
+     "time() minus this."),
+    ("fleetgate_machine_running_seconds_total", "counter", "running",
+     "Seconds the machine has been running (starting to stopped), as seen by this gateway: the cost the idle "
+     "reaper saves."),
+)
+SERIES_PER_MACHINE = len(MACHINE_FAMILIES)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _number(v: float) -> str:
+    """floatToGoString, with the two values nearly every per-machine series has precomputed."""
+    if v == 0:
+        return "0.0"
+    if v == 1:
+        return "1.0"
+    return floatToGoString(v)
+
+
+class MachineSeries:
+    """One machine's series values; written by the Fleet on changes, read at scrape time."""
+
+    __slots__ = ("name", "label", "state", "sessions", "leases", "last_activity", "running")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.label = f'machine="{_escape_label(name)}"'  # escaped once, not at every scrape
+        self.state: str | None = None
+        self.sessions = 0.0
+        self.leases = 0.0
+        self.last_activity = 0.0
+        self.running = 0.0
+
+
+class _MachineValue:
+    """What `.labels(machine)` returns: the small part of a prometheus_client child the Fleet uses."""
+
+    __slots__ = ("_series", "_attr", "_state")
+
+    def __init__(self, series: MachineSeries, attr: str, state: str | None = None):
+        self._series, self._attr, self._state = series, attr, state
+
+    def set(self, value: float) -> None:
+        if self._attr == "state":  # fleetgate_machine_state{state}: 1 makes it the current state
+            if value:
+                self._series.state = self._state
+            elif self._series.state == self._state:
+                self._series.state = None
+            return
+        setattr(self._series, self._attr, float(value))
+
+    def inc(self, amount: float = 1.0) -> None:
+        setattr(self._series, self._attr, getattr(self._series, self._attr) + amount)
+
+    def set_to_current_time(self) -> None:
+        self.set(time.time())
+
+    def get(self) -> float:
+        if self._attr == "state":
+            return 1.0 if self._series.state == self._state else 0.0
+        return getattr(self._series, self._attr)
+
+
+class _MachineFamily:
+    """`metrics.active_sessions.labels(name).set(n)` and friends, as before issue 15, on the records."""
+
+    def __init__(self, machines: "MachineCollector", attr: str):
+        self._machines, self._attr = machines, attr
+        # What prometheus_client's families carry, for the docs test (tests/test_alerts.py).
+        name, kind, _, _ = next(f for f in MACHINE_FAMILIES if f[2] == attr)
+        self._name, self._type = name.removesuffix("_total"), kind
+        self._labelnames = ("machine", "state") if attr == "state" else ("machine",)
+
+    def labels(self, machine: str, state: str | None = None) -> _MachineValue:
+        return _MachineValue(self._machines.series(machine), self._attr, state)
+
+    def remove(self, machine: str, *_: str) -> None:
+        self._machines.remove(machine)
+
+
+class MachineCollector(Collector):
+    """The per-machine families, from MachineSeries records, for the registry and for fast rendering."""
+
+    def __init__(self) -> None:
+        self.machines: dict[str, MachineSeries] = {}
+
+    def series(self, machine: str) -> MachineSeries:
+        s = self.machines.get(machine)
+        if s is None:
+            s = self.machines[machine] = MachineSeries(machine)
+        return s
+
+    def remove(self, machine: str) -> None:
+        self.machines.pop(machine, None)
+
+    def collect(self) -> Iterator[Metric]:
+        """The families as prometheus_client objects: get_sample_value(), tests, other exporters."""
+        records = list(self.machines.values())
+        for name, kind, attr, doc in MACHINE_FAMILIES:
+            if kind == "counter":
+                fam: Metric = CounterMetricFamily(name.removesuffix("_total"), doc, labels=["machine"])
+            elif attr == "state":
+                fam = GaugeMetricFamily(name, doc, labels=["machine", "state"])
+            else:
+                fam = GaugeMetricFamily(name, doc, labels=["machine"])
+            for s in records:
+                if attr == "state":
+                    if s.state is not None:
+                        fam.add_metric([s.name, s.state], 1.0)
+                else:
+                    fam.add_metric([s.name], getattr(s, attr))
+            yield fam
+
+    def render_slices(self) -> Iterator[str]:
+        """The families in the text format, a slice of SCRAPE_SLICE machines at a time.
+
+        Byte for byte what generate_latest() writes for collect() (tests/test_scale_metrics.py).
+        The records are listed first: machines added or removed meanwhile do not disturb a scrape.
+        """
+        records = list(self.machines.values())
+        for name, kind, attr, doc in MACHINE_FAMILIES:
+            help_text = doc.replace("\\", r"\\").replace("\n", r"\n")
+            head = f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+            for i in range(0, max(len(records), 1), SCRAPE_SLICE):
+                chunk = records[i:i + SCRAPE_SLICE]
+                if attr == "state":
+                    body = "".join(f'{name}{{{s.label},state="{_escape_label(s.state)}"}} 1.0\n'
+                                   for s in chunk if s.state is not None)
+                elif attr == "sessions":
+                    body = "".join(f"{name}{{{s.label}}} {_number(s.sessions)}\n" for s in chunk)
+                elif attr == "leases":
+                    body = "".join(f"{name}{{{s.label}}} {_number(s.leases)}\n" for s in chunk)
+                elif attr == "last_activity":
+                    body = "".join(f"{name}{{{s.label}}} {_number(s.last_activity)}\n" for s in chunk)
+                else:
+                    body = "".join(f"{name}{{{s.label}}} {_number(s.running)}\n" for s in chunk)
+                yield head + body
+                head = ""
+
+    def render(self) -> str:
+        return "".join(self.render_slices())
+
+
 class Metrics:
-    """A registry per gateway, so tests can run several gateways in one process."""
+    """A registry per gateway, so tests can run several gateways in one process.
+
+    `registry` holds everything (tests read it with get_sample_value); a scrape renders the
+    fixed-size metrics (`_base`, through generate_latest) and the per-machine series
+    (`machines`, MachineCollector) separately, the latter in slices (exposition_async).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        r = self.registry = registry or CollectorRegistry()
+        r = self._base = CollectorRegistry()
+        self.machines = MachineCollector()
+        self.registry = registry or CollectorRegistry()
+        self.registry.register(self._base)
+        self.registry.register(self.machines)
         self.before_scrape: list[Callable[[], None]] = []  # called by exposition(), in the event loop
+        self._backends: set[str] = set()
+        self._scrape: tuple[trio.Event, list[bytes]] | None = None  # the render in flight, shared
+        self._last: tuple[float, float, bytes] | None = None  # (trio time done, render seconds, body)
         self.build_info = Info("fleetgate_build", "Version of the running fleetgate.", registry=r)
         self.build_info.info(build_labels())
         # process_* (CPU, RSS, open descriptors, start time) and python_info, as a default registry has.
@@ -97,9 +287,7 @@ class Metrics:
             "fleetgate_boot_latency_seconds", "Time from the backend start call to the machine's SSH banner "
             "(wakes that timed out are observed at their timeout).",
             ["backend"], buckets=BOOT_BUCKETS, registry=r)
-        self.active_sessions = Gauge(
-            "fleetgate_active_sessions", "Connections and channels currently holding a machine awake.",
-            ["machine"], registry=r)
+        self.active_sessions = _MachineFamily(self.machines, "sessions")
         self.wake_failures = Counter(
             "fleetgate_wake_failures", "Wakes that did not give the user a ready machine, by reason.",
             ["backend", "reason"], registry=r)
@@ -110,9 +298,7 @@ class Metrics:
         self.reaper_stops = Counter(
             "fleetgate_reaper_stops", "Machines stopped by the idle reaper, by result.",
             ["backend", "result"], registry=r)
-        self.machine_state = Gauge(
-            "fleetgate_machine_state", "1 for the machine's current state, 0 for the others.",
-            ["machine", "state"], registry=r)
+        self.machine_state = _MachineFamily(self.machines, "state")
         self.connections = Counter(
             "fleetgate_connections", "Incoming SSH connections by outcome.", ["result"], registry=r)
         self.auth_failures = Counter(
@@ -155,8 +341,7 @@ class Metrics:
         self.machine_lost = Counter(
             "fleetgate_machine_lost", "Machines found stopped or unreachable while fleetgate thought them running.",
             ["backend"], registry=r)
-        self.leases = Gauge(
-            "fleetgate_keep_awake_leases", "Keep-awake leases currently held, per machine.", ["machine"], registry=r)
+        self.leases = _MachineFamily(self.machines, "leases")
         self.upstream_failures = Counter(
             "fleetgate_upstream_failures", "Failed SSH connections from the gateway to machines, by reason.",
             ["reason"], registry=r)
@@ -228,12 +413,8 @@ class Metrics:
         self.replica_info.info({"replica": "local", "store": "memory"})
 
         # Issue 14: what operators asked for after a live Prometheus run.
-        self.machine_last_activity = Gauge(
-            "fleetgate_machine_last_activity_timestamp_seconds", "Unix time a machine's last session ended, or "
-            "now while sessions hold it (0 until known); idle time is time() minus this.", ["machine"], registry=r)
-        self.machine_running_seconds = Counter(
-            "fleetgate_machine_running_seconds", "Seconds the machine has been running (starting to stopped), "
-            "as seen by this gateway: the cost the idle reaper saves.", ["machine"], registry=r)
+        self.machine_last_activity = _MachineFamily(self.machines, "last_activity")
+        self.machine_running_seconds = _MachineFamily(self.machines, "running")
         self.time_to_shell = Histogram(
             "fleetgate_time_to_shell_seconds", "Time from a user's authentication to the session being ready "
             "(machine held and upstream logged in), by whether a wake was needed.", ["wake"],
@@ -255,13 +436,11 @@ class Metrics:
         self.config_last_reload_success.set_to_current_time()  # a gateway's Metrics come with its first load
 
     def add_machine(self, machine: str, backend: str) -> None:
-        """Start a machine's series (and its backend's counters) at 0."""
-        for state in MACHINE_STATES:
-            self.machine_state.labels(machine, state).set(0)
-        self.active_sessions.labels(machine).set(0)
-        self.machine_last_activity.labels(machine)
-        self.leases.labels(machine).set(0)
-        self.machine_running_seconds.labels(machine)
+        """Start a machine's series (and, the first time, its backend's counters) at 0."""
+        self.machines.series(machine)
+        if backend in self._backends:
+            return
+        self._backends.add(backend)
         self.boot_latency.labels(backend)
         self.machine_lost.labels(backend)
         for op in BACKEND_OPS:
@@ -276,27 +455,58 @@ class Metrics:
 
     def remove_machine(self, machine: str) -> None:
         """Delete a machine's per-machine series (it left the config and stopped)."""
-        for state in MACHINE_STATES:
-            _remove(self.machine_state, machine, state)
-        for family in (self.active_sessions, self.leases, self.machine_last_activity,
-                       self.machine_running_seconds):
-            _remove(family, machine)
+        self.machines.remove(machine)
 
     def set_state(self, machine: str, state: str) -> None:
-        for s in MACHINE_STATES:
-            self.machine_state.labels(machine, s).set(1 if s == state else 0)
+        """The machine's fleetgate_machine_state series is now the one of `state`."""
+        self.machines.series(machine).state = state
 
-    def exposition(self) -> bytes:
+    def _run_hooks(self) -> None:
         for hook in list(self.before_scrape):  # e.g. bytes relayed by open channels so far
             try:
                 hook()
             except Exception:  # a scrape must never fail for it
                 log.exception("metrics: a before-scrape hook failed")
-        return prometheus_client.generate_latest(self.registry)
 
+    def exposition(self) -> bytes:
+        """The whole scrape at once (tests, tools); the HTTP server uses exposition_async."""
+        self._run_hooks()
+        return prometheus_client.generate_latest(self._base) + self.machines.render().encode()
 
-def _remove(family, *labels: str) -> None:
-    try:
-        family.remove(*labels)
-    except KeyError:
-        pass
+    async def exposition_async(self) -> bytes:
+        """A scrape that never holds the event loop for long, whatever the number of machines.
+
+        The fixed-size part is rendered at once (a few ms); the per-machine part a slice of
+        SCRAPE_SLICE machines at a time with a checkpoint between slices. Scrapes that arrive
+        while one is being rendered wait for it and share its body (one render per burst of
+        scrapers, not one each). A scrape that arrives within RENDER_REUSE render durations of
+        the last render gets its body too; otherwise a lone scraper gets a fresh one.
+        """
+        if self._last is not None:
+            done_at, took, body = self._last
+            if trio.current_time() - done_at < RENDER_REUSE * took:
+                return body
+        if self._scrape is not None:
+            done, out = self._scrape
+            await done.wait()
+            if out:
+                return out[0]
+            # the render we waited for was cancelled: render our own
+        done, out = self._scrape = (trio.Event(), [])
+        took = 0.0  # CPU of this task only: time spent in other tasks between slices is not the render's
+        try:
+            t = time.perf_counter()
+            self._run_hooks()
+            parts = [prometheus_client.generate_latest(self._base)]
+            for text in self.machines.render_slices():  # each slice is made here, counted from t
+                parts.append(text.encode())
+                took += time.perf_counter() - t
+                await trio.lowlevel.checkpoint()
+                t = time.perf_counter()
+            out.append(b"".join(parts))
+            took += time.perf_counter() - t
+            self._last = (trio.current_time(), took, out[0])
+            return out[0]
+        finally:
+            self._scrape = None
+            done.set()

@@ -39,6 +39,7 @@ class GatewayConfig:
     forwarding: str = "local"
     admin_socket: Path | None = None
     reconcile_interval: float = 30.0
+    status_concurrency: int = 16   # reconcile: status calls at once per backend (issue 15)
     upstream_ca_key: Path | None = None
     drain_timeout: float = 60.0
 

@@ -191,12 +191,12 @@ async def test_upstream_connect_passes_the_vsock_socket_to_asyncssh(monkeypatch)
         seen["address"] = address
         return sentinel
 
-    async def fake_connect(host, port, **kw):
-        seen.update(host=host, port=port, sock=kw.get("sock"))
+    async def fake_connect(options, sock):
+        seen.update(host=options.host, port=options.port, sock=sock)
         return "connection"
 
     monkeypatch.setattr(transport, "open_stream", fake_open_stream)
-    monkeypatch.setattr(upstream.asyncssh, "connect", fake_connect)
+    monkeypatch.setattr(upstream.internals, "connect_prepared", fake_connect)
     monkeypatch.setattr(upstream, "_client_keys", lambda *a: [])
     async with trio_asyncio.open_loop():
         conn = await trio_asyncio.aio_as_trio(upstream.connect)(_machine(), Address.vsock(42), "root", _gateway())
@@ -219,12 +219,48 @@ async def test_upstream_vsock_failure_is_a_sentence(monkeypatch):
 async def test_upstream_tcp_is_unchanged(monkeypatch):
     seen: dict = {}
 
-    async def fake_connect(host, port, **kw):
-        seen.update(host=host, port=port, sock=kw.get("sock"))
+    async def fake_connect(options, sock):
+        seen.update(host=options.host, port=options.port, sock=sock)
         return "c"
 
-    monkeypatch.setattr(upstream.asyncssh, "connect", fake_connect)
+    monkeypatch.setattr(upstream.internals, "connect_prepared", fake_connect)
     monkeypatch.setattr(upstream, "_client_keys", lambda *a: [])
     async with trio_asyncio.open_loop():
         await trio_asyncio.aio_as_trio(upstream.connect)(_machine(), Address("10.1.2.3", 2200), "root", _gateway())
     assert seen == {"host": "10.1.2.3", "port": 2200, "sock": None}
+
+
+async def test_upstream_options_are_prepared_once_per_machine_config_and_account(monkeypatch):
+    """Options are built (in asyncssh's worker thread) once, then copied per connection; a
+    reload's new MachineConfig, another account or a password login builds new ones."""
+    import dataclasses
+
+    built = []
+    construct = upstream.asyncssh.SSHClientConnectionOptions.construct
+
+    async def counting(options=None, **kw):
+        built.append(kw["username"])
+        return await construct(options, **kw)
+
+    used = []
+
+    async def fake_connect(options, sock):
+        used.append(options)
+        return "c"
+
+    monkeypatch.setattr(upstream.asyncssh.SSHClientConnectionOptions, "construct", counting)
+    monkeypatch.setattr(upstream.internals, "connect_prepared", fake_connect)
+    monkeypatch.setattr(upstream, "_client_keys", lambda *a: [])
+    upstream._PREPARED.clear()
+    mc = _machine()
+    address = Address("10.1.2.3", 2200)
+    async with trio_asyncio.open_loop():
+        connect = trio_asyncio.aio_as_trio(upstream.connect)
+        for _ in range(3):
+            await connect(mc, address, "root", _gateway())
+        await connect(mc, address, "alice", _gateway())
+        await connect(dataclasses.replace(mc), address, "root", _gateway())   # after a reload
+        await connect(mc, address, "root", _gateway(), password="hunter2")
+        await connect(mc, address, "root", _gateway(), password="hunter2")
+    assert built == ["root", "alice", "root", "root", "root"]
+    assert used[0] is used[1] is used[2]

@@ -12,7 +12,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 from ..settings import BackendConfig, HostPort, MachineConfig
 
@@ -146,6 +146,20 @@ class Backend:
         await self.stop(machine)
 
     async def status(self, machine: MachineConfig) -> PowerState:
+        raise NotImplementedError
+
+    def can_status_all(self) -> bool:
+        """Whether status_all() answers for many machines in one call (one command, one API request).
+
+        The reconcile pass asks such a backend once per pass instead of once per machine: at
+        10 000 machines that is the difference between one call and 10 000 (issue 15)."""
+        return False
+
+    async def status_all(self, machines: Sequence[MachineConfig]) -> Mapping[str, PowerState]:
+        """The power state of `machines` in one call, by machine name (only if can_status_all()).
+
+        A machine left out of the answer is asked with status() on its own; an exception fails
+        the whole pass for this backend (logged; the next pass asks again)."""
         raise NotImplementedError
 
     async def address(self, machine: MachineConfig) -> Address:
