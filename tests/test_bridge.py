@@ -59,3 +59,39 @@ def test_the_lean_task_is_installed_only_on_the_tested_trio_asyncio(monkeypatch)
 
     assert trio_asyncio.__version__.startswith(bridge.TESTED_TRIO_ASYNCIO)
     assert getattr(bridge._trio_asyncio_base.BaseTrioEventLoop, "_fg_lean", False) or bridge._lean_io_wakeups()
+
+
+async def test_queued_callbacks_run_in_order_in_batches_and_trio_tasks_still_get_turns():
+    """Callbacks already queued run back to back (one asyncio loop pass), in the order they
+    were queued, including ones queued while the batch runs; a batch is bounded, so a flood
+    of callbacks does not keep trio's own tasks from running."""
+    assert bridge._lean_io_wakeups()
+    order: list[int] = []
+    trio_turns = 0
+    async with bridge.open_loop() as loop:
+        done = trio.Event()
+
+        def callback(i: int) -> None:
+            order.append(i)
+            if i % 10 == 0 and i < 1000:
+                loop.call_soon(callback, 1000 + i)  # queued during the batch: runs after the others
+            if len(order) == 1100:
+                done.set()
+
+        async def other_trio_task() -> None:
+            nonlocal trio_turns
+            while not done.is_set():
+                trio_turns += 1
+                await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_trio_task)
+            await trio.sleep(0)
+            for i in range(1000):
+                loop.call_soon(callback, i)
+            with trio.fail_after(10):
+                await done.wait()
+    assert order == list(range(1000)) + [1000 + i for i in range(0, 1000, 10)]
+    # 1100 callbacks in batches of at most MAIN_LOOP_BATCH + 1: trio ran its other task in
+    # between, but not once per callback (trio-asyncio alone switches tasks for each).
+    assert 1100 // (bridge.MAIN_LOOP_BATCH + 1) - 1 <= trio_turns < 1100 // 4, trio_turns

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import weakref
 from typing import Any, Awaitable, Callable
@@ -77,6 +78,7 @@ def apply_relay_tuning() -> bool:
     _no_packet_logging()
     _lazy_keepalive(C)
     _cork(C)
+    _drop_kexinits(C)
     _no_config_reload(_connection.SSHServerConnection)
     _applied = True
     apply_fast_path()
@@ -185,6 +187,18 @@ def _cork(C: type) -> None:
     C._force_close = closing
 
 
+def _drop_kexinits(C: type) -> None:
+    """Once the exchange hash is computed, the two KEXINIT payloads (about 3 KiB a connection,
+    kept by asyncssh until the next key exchange replaces them) are not needed again."""
+    send_newkeys = C.send_newkeys
+
+    def patched(self, k, h):
+        send_newkeys(self, k, h)
+        self._client_kexinit = self._server_kexinit = b""
+
+    C.send_newkeys = patched
+
+
 def _no_config_reload(S: type) -> None:
     """asyncssh re-reads the server's OpenSSH-style config for the user name at the start of
     authentication, building new options in a worker thread. fleetgate's front loads no such
@@ -211,9 +225,18 @@ async def connect_prepared(options: asyncssh.SSHClientConnectionOptions, sock: A
     def factory() -> asyncssh.SSHClientConnection:
         return _connection.SSHClientConnection(loop, opts, wait="auth")
 
-    return await asyncio.wait_for(
+    conn = await asyncio.wait_for(
         _connection._connect(opts, None, loop, 0, sock, factory, "Opening SSH connection to"),
         timeout=opts.connect_timeout)
+    conn._options = options  # the copy only carried this connect's waiter: share the original
+    # The machine's signature algorithms, one set per distinct list (asyncssh only tests membership).
+    conn._server_sig_algs = _SIG_ALGS.setdefault(frozenset(conn._server_sig_algs), frozenset(conn._server_sig_algs))
+    if len(_SIG_ALGS) > 256:
+        _SIG_ALGS.clear()
+    return conn
+
+
+_SIG_ALGS: dict = {}
 
 
 def set_agent_forward_path(upstream: asyncssh.SSHClientConnection, path: str | None) -> None:
@@ -461,11 +484,11 @@ def _patch_process_kexinit(handlers: dict) -> None:
                     hk = [a.decode() for a in (self._server_host_key_algs or ())]
                     offer = policy.answer(client, hk, allow)
                     log.debug("kexinit: answering the client's (ciphers %s)", ",".join(offer.ciphers))
-                    self._kex_algs = [a.encode() for a in offer.kex]
-                    self._enc_algs = [a.encode() for a in offer.ciphers]
-                    self._mac_algs = [a.encode() for a in offer.macs]
+                    self._kex_algs = _encoded(tuple(offer.kex))
+                    self._enc_algs = _encoded(tuple(offer.ciphers))
+                    self._mac_algs = _encoded(tuple(offer.macs))
                     if self._server_host_key_algs:
-                        self._server_host_key_algs = [a.encode() for a in offer.host_key]
+                        self._server_host_key_algs = _encoded(tuple(offer.host_key))
                 else:
                     policy.check_sent(client, policy.parse(self._server_kexinit[1:]), allow)
             except policy.Refused as exc:
@@ -481,6 +504,13 @@ def _patch_process_kexinit(handlers: dict) -> None:
 
 def _always(_name: str) -> bool:
     return True
+
+
+@functools.lru_cache(maxsize=256)
+def _encoded(names: tuple[str, ...]) -> list[bytes]:
+    """One list per distinct offer, shared by the connections that get it (asyncssh only
+    reads these lists): a few KiB less per connection."""
+    return [a.encode() for a in names]
 
 
 _CERT_SUFFIX = b"-cert-v01@openssh.com"
