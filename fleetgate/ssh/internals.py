@@ -780,6 +780,7 @@ import inspect as _inspect  # noqa: E402
 import functools as _functools  # noqa: E402
 import os as _os  # noqa: E402
 import time as _time  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 
 _fast_applied = False
 
@@ -800,12 +801,35 @@ def apply_fast_path() -> bool:
     return True
 
 
+class _AeadCache:
+    """AESGCM objects (a key schedule and an OpenSSL context, ~2.3 KiB each) for the keys in
+    use, least recently used first out: a busy connection keeps its two, an idle one costs
+    nothing (four per relayed session would be ~9 KiB of each idle session's memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._aeads: OrderedDict[bytes, AESGCM] = OrderedDict()
+
+    def get(self, key: bytes) -> AESGCM:
+        aeads = self._aeads
+        aead = aeads.get(key)
+        if aead is None:
+            aead = aeads[key] = AESGCM(key)
+            if len(aeads) > self.size:
+                aeads.popitem(last=False)
+        else:
+            aeads.move_to_end(key)
+        return aead
+
+
+_AEADS = _AeadCache(1024)
+
+
 def _fast_gcm(G: type) -> None:
     init = G.__init__
 
     def __init__(self, cipher_name, key, iv):
         init(self, cipher_name, key, iv)
-        self._fg_aead = AESGCM(key)  # one key schedule per key, not per packet
         self._fg_fixed = iv[:4]
         self._fg_counter = int.from_bytes(iv[4:], "big")
 
@@ -814,13 +838,13 @@ def _fast_gcm(G: type) -> None:
         self._iv = self._fg_fixed + counter.to_bytes(8, "big")
 
     def encrypt_and_sign(self, header, data):
-        out = self._fg_aead.encrypt(self._iv, data, header)
+        out = _AEADS.get(self._key).encrypt(self._iv, data, header)
         self._update_iv()
         return header + out[:-16], out[-16:]
 
     def verify_and_decrypt(self, header, data, mac):
         try:
-            out = self._fg_aead.decrypt(self._iv, data + mac, header)
+            out = _AEADS.get(self._key).decrypt(self._iv, data + mac, header)
         except InvalidTag:
             out = None
         self._update_iv()
@@ -836,6 +860,7 @@ def _fast_send(C: type) -> None:
     send_packet = C.send_packet
     GCM = _encryption.GCMEncryption
     padding = _Padding()
+    aeads = _AEADS
     monotonic = _time.monotonic
 
     def patched(self, pkttype, *args, handler=None):
@@ -853,7 +878,7 @@ def _fast_send(C: type) -> None:
             pktlen = 1 + n + padlen
             hdr = pktlen.to_bytes(4, "big")
             cipher = enc._cipher
-            out = cipher._fg_aead.encrypt(cipher._iv, b"".join((bytes((padlen, pkttype)), *args, padding.take(padlen))),
+            out = aeads.get(cipher._key).encrypt(cipher._iv, b"".join((bytes((padlen, pkttype)), *args, padding.take(padlen))),
                                           hdr)
             cipher._update_iv()
             self._send(hdr + out)
@@ -888,6 +913,7 @@ class _Padding:
 def _fast_recv(C: type) -> None:
     recv_pkthdr = C._recv_pkthdr
     recv_packet = C._recv_packet
+    aeads = _AEADS
     GCM = _encryption.GCMEncryption
     SSHPacket = _packet.SSHPacket
     C._fg_inplace = False
@@ -916,7 +942,7 @@ def _fast_recv(C: type) -> None:
         cipher = self._recv_encryption._cipher
         seq = self._recv_seq
         try:
-            data = cipher._fg_aead.decrypt(cipher._iv, memoryview(inp)[4:end], inp[:4])
+            data = aeads.get(cipher._key).decrypt(cipher._iv, memoryview(inp)[4:end], inp[:4])
         except InvalidTag:
             raise MACError("MAC verification failed") from None
         cipher._update_iv()
