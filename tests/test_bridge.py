@@ -95,3 +95,49 @@ async def test_queued_callbacks_run_in_order_in_batches_and_trio_tasks_still_get
     # 1100 callbacks in batches of at most MAIN_LOOP_BATCH + 1: trio ran its other task in
     # between, but not once per callback (trio-asyncio alone switches tasks for each).
     assert 1100 // (bridge.MAIN_LOOP_BATCH + 1) - 1 <= trio_turns < 1100 // 4, trio_turns
+
+
+async def test_io_hub_runs_readers_and_writers_of_one_descriptor_and_forgets_removed_ones():
+    """One epoll set for all asyncio descriptors: a reader and a writer on the same
+    descriptor, removing one keeps the other, a cancelled handle never runs again, and
+    descriptors closed after removal leave nothing behind."""
+    import socket
+
+    assert bridge._lean_io_wakeups()
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    seen: list[str] = []
+    try:
+        async with bridge.open_loop() as loop:
+            readable, writable = trio.Event(), trio.Event()
+
+            def on_read() -> None:
+                seen.append("read " + a.recv(100).decode())
+                readable.set()
+
+            def on_write() -> None:
+                seen.append("write")
+                loop.remove_writer(a.fileno())  # level-triggered: once is enough
+                writable.set()
+
+            loop.add_reader(a.fileno(), on_read)
+            loop.add_writer(a.fileno(), on_write)
+            with trio.fail_after(10):
+                await writable.wait()
+                b.send(b"x")
+                await readable.wait()
+            hub = loop._fg_hub
+            assert hub.handles[a.fileno()][1] is None  # (the loop's own self-pipe is in the set too)
+            readable = trio.Event()
+            loop.remove_reader(a.fileno())
+            assert a.fileno() not in hub.handles
+            b.send(b"y")  # nobody reads it now; a new reader on the descriptor gets it (once)
+            loop.add_reader(a.fileno(), on_read)
+            with trio.fail_after(10):
+                await readable.wait()
+            loop.remove_reader(a.fileno())
+            assert seen == ["write", "read x", "read y"]
+    finally:
+        a.close()
+        b.close()

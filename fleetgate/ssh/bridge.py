@@ -19,16 +19,19 @@ each crossing is visible and every asyncio task has an owner:
   channel, the grace sweeper): each is tracked, its failure is logged rather than lost,
   and `cancel_all()` ends them at shutdown.
 
-Two changes to trio-asyncio itself (`_lean_io_wakeups`, on the tested version only):
-- after each readiness callback (one per received chunk on every SSH socket) trio-asyncio
-  waits for the asyncio queue to drain with a round trip through its main loop task, even
-  when nothing was queued. It now does that round trip only when the callback queued
-  something, which keeps asyncio's order (callbacks queued by a read run before the next
-  read) and saves three task switches per received chunk (relay CPU per GiB -17 %);
+Three changes to trio-asyncio itself (`_lean_io_wakeups`, on the tested version only),
+measured with bench/sessions.py and bench/compare.py (docs/benchmarks.md):
+- descriptors: trio-asyncio waits for each asyncio reader and writer in a trio task of its
+  own (about 2.8 KiB each, two per relayed session) and, after each readiness callback,
+  round-trips through its main loop task even when nothing was queued. Here one task
+  watches them all in one epoll set (`_IoHub`), runs the callbacks of every ready one in a
+  pass, as asyncio does, and lets the queue drain only when they queued something (asyncio's
+  order: what a read queues runs before the next read). Memory per idle session 47 → 40 KiB,
+  logins per gateway CPU-second +25 %, relay CPU per GiB -17 % (with the round trip alone);
 - its main loop runs one callback per trio turn (a cancel scope, a channel receive and a
   task switch each; a login queues about 85). It now runs the ones already queued behind
   it too, in order, up to MAIN_LOOP_BATCH, as a pass of asyncio's own loop does (logins
-  per gateway CPU-second +35 %, bench/sessions.py).
+  per gateway CPU-second +35 %).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import heapq
+import select
 
 import trio
 import trio_asyncio
@@ -106,33 +110,11 @@ def _lean_io_wakeups() -> bool:
     A = _trio_asyncio_async.TrioEventLoop
     if getattr(L, "_fg_lean", False):
         return True
-    if (not trio_asyncio.__version__.startswith(TESTED_TRIO_ASYNCIO) or not hasattr(L, "_io_task")
-            or "_queue_handle" not in vars(A)):
+    if (not trio_asyncio.__version__.startswith(TESTED_TRIO_ASYNCIO) or not hasattr(L, "_add_io_handler")
+            or "_queue_handle" not in vars(A) or not hasattr(L, "_main_loop_one")):
         log.warning("trio-asyncio %s is not the tested version: readiness callbacks keep their full "
                     "round trip (slower, same behaviour)", trio_asyncio.__version__)
         return False
-
-    async def _io_task(self: Any, fd: int, handle: Any, wait_ready: Callable[[int], Awaitable[None]]) -> None:
-        # trio-asyncio 0.16's _io_task, but synchronize() only when the callback queued work.
-        with handle._scope:
-            try:
-                while True:
-                    if handle._cancelled:
-                        break
-                    try:
-                        await wait_ready(fd)
-                    except OSError:
-                        if handle._cancelled:
-                            break
-                        raise
-                    if handle._cancelled:
-                        break
-                    queued = self._fg_queued
-                    handle._run()
-                    if self._fg_queued != queued:
-                        await self.synchronize()
-            except Exception as exc:
-                handle._raise(exc)
 
     queue_handle = A._queue_handle
 
@@ -166,12 +148,119 @@ def _lean_io_wakeups() -> bool:
                 finally:
                     sniffio_library.name = previous
 
+    def _add_io_handler(self: Any, set_handle: Any, wait_ready: Any, fd: Any, callback: Any, args: Any) -> Any:
+        # One epoll set for every asyncio reader and writer, not a trio task per descriptor.
+        self._check_closed()
+        fd = fd.fileno() if hasattr(fd, "fileno") else fd
+        writing = wait_ready is _trio_asyncio_base._wait_writable
+        hub = self.__dict__.get("_fg_hub")
+        if hub is None:
+            hub = self._fg_hub = _IoHub(self)
+        handle = _HubHandle(callback, args, self, hub, fd, writing)
+        old_handle = set_handle(fd, handle)
+        if old_handle is not None:
+            old_handle.cancel()
+        hub.add(fd, writing, handle)
+        if self._token is not None:
+            hub.start()
+        return handle
+
     L._fg_queued = 0
     A._queue_handle = _queue_handle
-    L._io_task = _io_task
     L._main_loop_one = _main_loop_one
+    L._add_io_handler = _add_io_handler
     L._fg_lean = True
     return True
+
+
+class _HubHandle(asyncio.Handle):
+    """An asyncio reader or writer in the _IoHub; cancel() takes it out."""
+
+    __slots__ = ("_hub", "_fd", "_writing", "_scope")
+
+    def __init__(self, callback: Any, args: Any, loop: Any, hub: "_IoHub", fd: int, writing: bool):
+        super().__init__(callback, args, loop)
+        self._hub, self._fd, self._writing = hub, fd, writing
+        self._scope = None  # trio-asyncio's shutdown looks for one (its handles each have a task)
+
+    def cancel(self) -> None:
+        super().cancel()
+        self._hub.discard(self._fd, self._writing, self)
+
+
+class _IoHub:
+    """The asyncio loop's descriptors in one epoll set, watched by one trio task.
+
+    trio-asyncio waits for each descriptor in a trio task of its own (about 2.8 KiB per
+    descriptor, two per relayed session, and a task switch per readiness). Here one task
+    waits for the set, then runs the callbacks of every ready descriptor in that pass, as
+    asyncio's own loop does (level-triggered, readable or writable including HUP/ERR), and
+    lets the asyncio queue drain (synchronize) if they queued anything."""
+
+    MAX_EVENTS = 256
+
+    def __init__(self, loop: Any):
+        self.loop = loop
+        self.epoll = select.epoll()
+        self.handles: dict[int, list[Any]] = {}  # fd -> [reader, writer]
+        self.started = False
+
+    def _mask(self, pair: list[Any]) -> int:
+        return (select.EPOLLIN if pair[0] is not None else 0) | (select.EPOLLOUT if pair[1] is not None else 0)
+
+    def add(self, fd: int, writing: bool, handle: Any) -> None:
+        pair = self.handles.get(fd)
+        if pair is None:
+            pair = self.handles[fd] = [None, None]
+            pair[writing] = handle
+            self.epoll.register(fd, self._mask(pair))
+        else:
+            pair[writing] = handle
+            self.epoll.modify(fd, self._mask(pair))
+
+    def discard(self, fd: int, writing: bool, handle: Any) -> None:
+        pair = self.handles.get(fd)
+        if pair is None or pair[writing] is not handle:
+            return
+        pair[writing] = None
+        try:
+            if pair[0] is None and pair[1] is None:
+                del self.handles[fd]
+                self.epoll.unregister(fd)
+            else:
+                self.epoll.modify(fd, self._mask(pair))
+        except (OSError, ValueError):  # closed already: the kernel dropped it from the set
+            pass
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.loop._nursery.start_soon(self.run, name="fleetgate asyncio io hub")
+
+    async def run(self) -> None:
+        loop = self.loop
+        epoll = self.epoll
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                queued = loop._fg_queued
+                for fd, events in epoll.poll(0, self.MAX_EVENTS):
+                    pair = self.handles.get(fd)
+                    if pair is None:
+                        continue
+                    reader, writer = pair
+                    if reader is not None and events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR) \
+                            and not reader._cancelled:
+                        reader._run()
+                    if writer is not None and events & (select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR) \
+                            and not writer._cancelled and pair[1] is writer:
+                        writer._run()
+                if loop._fg_queued != queued:
+                    await loop.synchronize()
+        finally:
+            self.started = False
+            epoll.close()
+            loop.__dict__.pop("_fg_hub", None)
 
 
 @asynccontextmanager
