@@ -242,9 +242,6 @@ def measure(args: argparse.Namespace) -> dict:
         procs.append(warm)
         _read_json(warm, 60)
         base = _rss_kib(gw_pid)
-        if os.environ.get("BENCH_SIGUSR1"):
-            os.kill(gw_pid, 10)
-            time.sleep(10)
         for n in args.sessions:
             per_proc = 2500
             holders = [_spawn("--hold", str(work), str(port), str(min(per_proc, n - i)))
@@ -255,9 +252,6 @@ def measure(args: argparse.Namespace) -> dict:
             seconds = time.monotonic() - t0
             time.sleep(2)  # let the last relays settle (nothing to await across processes)
             rss = _rss_kib(gw_pid)
-            if os.environ.get("BENCH_SIGUSR1"):
-                os.kill(gw_pid, 10)
-                time.sleep(20)
             per = (rss - base) / max(1, opened)
             out["memory"].append({"sessions": opened + 1, "rss_kib": rss, "base_kib": base,
                                   "per_session_kib": per, "open_seconds": seconds})
