@@ -82,7 +82,16 @@ def main() -> int:
     p.add_argument("--mode", default="relay", choices=["relay", "jump"])
     p.add_argument("--legacy-scp", action="store_true", help="scp -O (streaming) instead of SFTP")
     p.add_argument("--variant", action="append", required=True, type=Variant.parse)
+    p.add_argument("--gateway-core", type=int, default=None, metavar="N",
+                   help="the gateway on CPU N alone; this process, scp/ssh and the machine's sshd on the others "
+                        "(what a gateway with a core of its own sees; direct runs on the others too)")
     args = p.parse_args()
+    if args.gateway_core is not None:
+        others = set(os.sched_getaffinity(0)) - {args.gateway_core}
+        if not others:
+            p.error("--gateway-core needs at least two CPUs")
+        os.sched_setaffinity(0, others)  # scp and ssh inherit it
+        os.environ["FLEETGATE_BENCH_PIN"] = f"{args.gateway_core}:{','.join(map(str, sorted(others)))}"
     if args.legacy_scp:
         SCP_OPTS.append("-O")
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None

@@ -75,6 +75,30 @@ async def _commands(running: Any) -> None:
                 print(f"error: unknown command {line!r}", flush=True)
 
 
+async def _pin(gateway_core: int, others: set[int], shutdown: trio.Event) -> None:
+    """bench/compare.py --gateway-core: this process on its core, what it starts (the machines'
+    sshd, whose sessions inherit it) on the others, checked twice a second."""
+    os.sched_setaffinity(0, {gateway_core})
+    me = os.getpid()
+    while not shutdown.is_set():
+        pending = [me]
+        while pending:
+            pid = pending.pop()
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                try:
+                    if os.sched_getaffinity(kid) != others:
+                        os.sched_setaffinity(kid, others)
+                except OSError:
+                    pass
+                pending.append(kid)
+        with trio.move_on_after(0.5):
+            await shutdown.wait()
+
+
 async def _main(args: argparse.Namespace) -> None:
     from fleetgate import config as config_mod
     from fleetgate import demo
@@ -93,11 +117,16 @@ async def _main(args: argparse.Namespace) -> None:
     app = App(cfg, stop_machines_on_exit=True)
     async with trio.open_nursery() as nursery:
         running = await nursery.start(app.run)
+        pin = os.environ.get("FLEETGATE_BENCH_PIN")
+        if pin:
+            core, _, rest = pin.partition(":")
+            nursery.start_soon(_pin, int(core), {int(c) for c in rest.split(",")}, running.shutdown)
         machines = {name: int(m.options["port"]) for name, m in cfg.machines.items() if "port" in m.options}
         print(json.dumps({"port": running.ssh_ports[0], "pid": os.getpid(), "machines": machines,
                           "fleetgate": os.path.dirname(config_mod.__file__)}), flush=True)
         await _commands(running)
         running.shutdown.set()
+
 
 
 def main() -> None:
