@@ -141,3 +141,31 @@ async def test_io_hub_runs_readers_and_writers_of_one_descriptor_and_forgets_rem
     finally:
         a.close()
         b.close()
+
+
+async def test_io_hub_takes_a_descriptor_number_again_after_it_was_closed_without_removal():
+    """A descriptor closed while still registered leaves the epoll set (the kernel drops it);
+    a new socket that gets the same number must register, not fail: the stale handle is
+    cancelled (its unregister finds nothing, and that is not an error) and the new one works."""
+    import socket
+
+    assert bridge._lean_io_wakeups()
+    async with bridge.open_loop() as loop:
+        a, b = socket.socketpair()
+        number = a.fileno()
+        loop.add_reader(number, lambda: None)
+        a.close()  # without remove_reader
+        c, d = socket.socketpair()
+        try:
+            if c.fileno() != number:  # the kernel handed out the lowest free number: it should be ours
+                c, d = d, c
+            assert c.fileno() == number
+            got = trio.Event()
+            loop.add_reader(c.fileno(), got.set)
+            d.send(b"x")
+            with trio.fail_after(10):
+                await got.wait()
+            loop.remove_reader(c.fileno())
+        finally:
+            for s in (b, c, d):
+                s.close()

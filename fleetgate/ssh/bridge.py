@@ -212,11 +212,12 @@ class _IoHub:
         pair = self.handles.get(fd)
         if pair is None:
             pair = self.handles[fd] = [None, None]
-            pair[writing] = handle
-            self.epoll.register(fd, self._mask(pair))
-        else:
-            pair[writing] = handle
-            self.epoll.modify(fd, self._mask(pair))
+        pair[writing] = handle
+        mask = self._mask(pair)
+        try:
+            self.epoll.register(fd, mask)
+        except FileExistsError:
+            self.epoll.modify(fd, mask)
 
     def discard(self, fd: int, writing: bool, handle: Any) -> None:
         pair = self.handles.get(fd)
