@@ -40,7 +40,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from relay import (MIB, Gateway, _children_cpu, _version, human_size, make_file,  # noqa: E402
-                   parse_size, run, same_file)
+                   parse_size, run, same_file, write_docs as write_section)
 
 MODES = ("direct", "splice", "copy")
 CIPHERS = {"default": [], "aes128-gcm": ["-c", "aes128-gcm@openssh.com"]}
@@ -221,18 +221,6 @@ def report(res: Results, args: argparse.Namespace, command: str) -> str:
     return "\n".join(out)
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the text between the bench:passthrough markers (appended at the end the first time)."""
-    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, _, rest = text.partition(DOCS_BEGIN)
-        text = head + block + rest.partition(DOCS_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=1024 * MIB, help="file size, e.g. 256MiB (default 1GiB)")
@@ -262,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(res, args, command)
     print(section)
     if args.write_docs:
-        write_docs(args.docs, section)
+        write_section(args.docs, section, DOCS_BEGIN, DOCS_END)
         print(f"bench: results written to {args.docs}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({

@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from relay import Gateway  # noqa: E402
+from relay import Gateway, write_docs  # noqa: E402
 
 KEXES = (
     "curve25519-sha256",
@@ -199,17 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write_section(path: Path, name: str, text: str) -> None:
-    begin = f"<!-- bench:{name}:begin (written by bench/preauth_cpu.py; edit outside these markers) -->"
-    end = f"<!-- bench:{name}:end -->"
-    doc = path.read_text()
-    if begin in doc and end in doc:
-        head, _, rest = doc.partition(begin)
-        _, _, tail = rest.partition(end)
-        doc = f"{head}{begin}\n{text}{end}{tail}"
-    else:
-        doc = doc.rstrip("\n") + f"\n\n## Pre-authentication CPU per key exchange\n\n{begin}\n{text}{end}\n"
-    path.write_text(doc)
-
+    write_docs(path, text, f"<!-- bench:{name}:begin (written by bench/preauth_cpu.py; edit outside these markers) -->",
+               f"<!-- bench:{name}:end -->", heading="## Pre-authentication CPU per key exchange")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -635,15 +635,17 @@ def _asyncssh_version() -> str:
         return "?"
 
 
-def write_docs(path: Path, section: str) -> None:
-    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}"
+def write_docs(path: Path, section: str, begin: str = DOCS_BEGIN, end: str = DOCS_END, heading: str = "") -> None:
+    """Replace the text between a benchmark's markers (or append the block, under `heading`
+    if given): the rest of the file is people's. Every bench/ script writes its section here."""
+    block = f"{begin}\n{section.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, _, rest = text.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        _, _, tail = rest.partition(end)
         text = head + block + tail
     else:
-        text = text.rstrip() + "\n\n" + block + "\n"
+        text = text.rstrip() + "\n\n" + (f"{heading}\n\n" if heading else "") + block + "\n"
     path.write_text(text)
 
 

@@ -50,7 +50,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from relay import GATEWAY_ALIAS, Ways, run as run_ssh  # noqa: E402
+from relay import GATEWAY_ALIAS, Ways, run as run_ssh, write_docs as write_section  # noqa: E402
 
 DOCS_BEGIN = "<!-- bench:scale:begin (written by bench/scale.py; edit outside these markers) -->"
 DOCS_END = "<!-- bench:scale:end -->"
@@ -340,18 +340,6 @@ def report(results: list[Result], args: argparse.Namespace, command: str) -> str
     return "\n".join(out)
 
 
-def write_docs(path: Path, section: str) -> None:
-    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, _, rest = text.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
@@ -392,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
     if args.write_docs:
-        write_docs(REPO / "docs" / "benchmarks.md", section)
+        write_section(REPO / "docs" / "benchmarks.md", section, DOCS_BEGIN, DOCS_END)
         print("bench: results written to docs/benchmarks.md", file=sys.stderr)
     return 0
 

@@ -41,6 +41,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
 
+from relay import write_docs as write_section  # noqa: E402
+
 DOCS_BEGIN = "<!-- bench:sessions:begin (written by bench/sessions.py; edit outside these markers) -->"
 DOCS_END = "<!-- bench:sessions:end -->"
 
@@ -338,14 +340,8 @@ def main() -> int:
     section = report(res, command)
     print(section)
     if args.write_docs:
-        doc = REPO / "docs" / "benchmarks.md"
-        text = doc.read_text()
-        if DOCS_BEGIN not in text:
-            text = text.rstrip() + "\n\n## Sessions: memory per idle session, logins per core\n\n" + \
-                DOCS_BEGIN + "\n" + DOCS_END + "\n"
-        head, _, rest = text.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
-        doc.write_text(head + DOCS_BEGIN + "\n" + section + DOCS_END + tail)
+        write_section(REPO / "docs" / "benchmarks.md", section, DOCS_BEGIN, DOCS_END,
+                      heading="## Sessions: memory per idle session, logins per core")
     return 0
 
 

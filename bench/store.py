@@ -32,9 +32,11 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
 
 from etcd_helpers import EtcdCluster, store_patch  # noqa: E402
 from helpers import make_fleet, run, start_gateway  # noqa: E402
+from relay import write_docs  # noqa: E402
 
 
 def store_requests(fleet) -> float:
@@ -153,19 +155,10 @@ async def bench(base: Path, logins: int, storm: int) -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    begin = "<!-- bench:store:begin (written by bench/store.py; edit outside these markers) -->"
-    end = "<!-- bench:store:end -->"
-    doc = path.read_text()
-    if begin in doc and end in doc:
-        head, _, rest = doc.partition(begin)
-        _, _, tail = rest.partition(end)
-        doc = f"{head}{begin}\n{text}{end}{tail}"
-    else:
-        doc = doc.rstrip("\n") + (f"\n\n## Shared store (etcd) cost per login and the storm\n\n"
-                                  f"What several replicas ([ha.md](ha.md)) cost each login, and the fleet-wide single "
-                                  f"start under a storm.\n\n{begin}\n{text}{end}\n")
-    path.write_text(doc)
-
+    write_docs(path, text, "<!-- bench:store:begin (written by bench/store.py; edit outside these markers) -->",
+               "<!-- bench:store:end -->",
+               heading="## Shared store (etcd) cost per login and the storm\n\nWhat several replicas ([ha.md](ha.md)) "
+                       "cost each login, and the fleet-wide single start under a storm.")
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

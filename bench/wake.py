@@ -43,7 +43,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from relay import Gateway, Ways, run  # noqa: E402
+from relay import Gateway, Ways, run, write_docs as write_section  # noqa: E402
 
 import logging  # noqa: E402
 
@@ -249,19 +249,6 @@ def report(res: dict[str, list[float]], args: argparse.Namespace, command: str) 
     return "\n".join(out) + "\n"
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append the block): the rest of the file is people's."""
-    block = f"{DOCS_BEGIN}\n{section.rstrip()}\n{DOCS_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if DOCS_BEGIN in text and DOCS_END in text:
-        head, _, rest = text.partition(DOCS_BEGIN)
-        _, _, tail = rest.partition(DOCS_END)
-        text = head + block + tail
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=20)
@@ -279,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     section = report(res, args, command)
     print(section)
     if args.write_docs:
-        write_docs(args.docs, section)
+        write_section(args.docs, section, DOCS_BEGIN, DOCS_END)
         print(f"bench: results written to {args.docs}", file=sys.stderr)
     return 0
 
