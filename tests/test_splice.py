@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import pytest
 import trio
@@ -98,6 +98,26 @@ async def read_to_eof(stream: trio.SocketStream, into: bytearray) -> None:
         into += chunk
 
 
+async def exchange(client: Any, a: Any, b: Any, server: Any, up_data: bytes, down_data: bytes,
+                   zero_copy: bool) -> tuple[bytes, bytes, tuple[int, int]]:
+    """Both ends send their data and EOF at once through the relay; what each end read, and
+    the relay's byte counts."""
+    got_up, got_down = bytearray(), bytearray()
+    result: list[tuple[int, int]] = []
+
+    async def run_relay() -> None:
+        result.append(await relay(a, b, zero_copy=zero_copy))
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as n:
+            n.start_soon(run_relay)
+            n.start_soon(send_then_eof, client, up_data)
+            n.start_soon(send_then_eof, server, down_data)
+            n.start_soon(read_to_eof, server, got_up)
+            n.start_soon(read_to_eof, client, got_down)
+    return bytes(got_up), bytes(got_down), result[0]
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -107,24 +127,12 @@ def open_fds() -> int:
 async def test_exact_bytes_both_ways_at_once_with_counts(kind, zero_copy, monkeypatch):
     seen = counting_splice(monkeypatch) if zero_copy else None
     up_data, down_data = blob(48 * MIB + 12345, 1), blob(40 * MIB + 777, 2)
-    got_up, got_down = bytearray(), bytearray()
-    result: list[tuple[int, int]] = []
     async with pairs(kind) as (client, a, b, server):
         fds = open_fds()
-
-        async def run_relay() -> None:
-            result.append(await relay(a, b, zero_copy=zero_copy))
-
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as n:
-                n.start_soon(run_relay)
-                n.start_soon(send_then_eof, client, up_data)
-                n.start_soon(send_then_eof, server, down_data)
-                n.start_soon(read_to_eof, server, got_up)
-                n.start_soon(read_to_eof, client, got_down)
+        got_up, got_down, result = await exchange(client, a, b, server, up_data, down_data, zero_copy)
         assert open_fds() == fds   # the pipes are closed
-    assert bytes(got_up) == up_data and bytes(got_down) == down_data
-    assert result == [(len(up_data), len(down_data))]
+    assert got_up == up_data and got_down == down_data
+    assert result == (len(up_data), len(down_data))
     if seen is not None:
         assert seen["to_socket"] == len(up_data) + len(down_data)   # every byte went by splice
         # A pipe's worth per call, not a page: this is what makes it cheap.
@@ -250,20 +258,10 @@ async def test_a_socket_the_kernel_cannot_splice_falls_back_to_the_copy_without_
 
     monkeypatch.setattr(splice_mod.os, "splice", picky)
     up_data, down_data = blob(6 * MIB + 1, 4), blob(5 * MIB + 9, 5)
-    got_up, got_down = bytearray(), bytearray()
-    result: list[tuple[int, int]] = []
     async with pairs("tcp") as (client, a, b, server):
-        async def run_relay() -> None:
-            result.append(await relay(a, b, zero_copy=True))
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as n:
-                n.start_soon(run_relay)
-                n.start_soon(send_then_eof, client, up_data)
-                n.start_soon(send_then_eof, server, down_data)
-                n.start_soon(read_to_eof, server, got_up)
-                n.start_soon(read_to_eof, client, got_down)
-    assert bytes(got_up) == up_data and bytes(got_down) == down_data
-    assert result == [(len(up_data), len(down_data))]
+        got_up, got_down, result = await exchange(client, a, b, server, up_data, down_data, True)
+    assert got_up == up_data and got_down == down_data
+    assert result == (len(up_data), len(down_data))
     assert state["refused"] == 2   # once per direction, then the copy
 
 
