@@ -224,17 +224,11 @@ class Fleet:
             m.changed = trio.Event()
 
     async def _call(self, m: Machine, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        t0 = trio.current_time()
-        result = "error"
-        try:
-            value = await fn()
-            result = "ok"
-            return value
-        finally:
-            self.metrics.backend_calls.labels(m.backend.name, op, result).observe(trio.current_time() - t0)
+        return await self._call_backend(m.backend, op, fn)
 
     async def _call_backend(self, backend: Backend, op: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """A backend call for no machine in particular (status_all), timed like _call."""
+        """A backend call, timed and counted by backend, operation and result (a machine's
+        call goes through _call; status_all is for no machine in particular)."""
         t0 = trio.current_time()
         result = "error"
         try:
