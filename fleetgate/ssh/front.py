@@ -38,7 +38,7 @@ from . import bridge, devices, forwards, internals
 from . import upstream as upstream_mod
 from .context import FrontContext
 from .pipe import Pipe
-from .relay import EXIT_LOST, SessionRelay
+from .relay import EXIT_LOST, AnySession, SessionRelay
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +581,7 @@ class FrontConnection(asyncssh.SSHServer):
             self.count_bytes(pipe.mode, pipe.bytes)
 
 
-class _RefusedSession(asyncssh.SSHServerSession):
+class _RefusedSession(AnySession):
     """A session whose machine could not be logged in to: it says why on stderr, exits 255.
 
     OpenSSH reports a session channel that fails to open only as "channel 0: open failed",
@@ -594,18 +594,6 @@ class _RefusedSession(asyncssh.SSHServerSession):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self._chan = chan
-
-    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
-        return True
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def exec_requested(self, command: str) -> bool:
-        return True
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return True
 
     def session_started(self) -> None:
         assert self._chan is not None

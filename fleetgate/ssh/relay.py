@@ -68,7 +68,24 @@ class RelayOwner(Protocol):
     def ended_reason(self) -> str: ...
 
 
-class SessionRelay(asyncssh.SSHServerSession):
+class AnySession(asyncssh.SSHServerSession):
+    """A session that takes whatever the user asks for (pty, shell, exec, subsystem): the
+    machine, not the gateway, decides what it runs."""
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+
+class SessionRelay(AnySession):
     """The user's session channel (asyncssh server session callbacks) and its relay state."""
 
     def __init__(self, owner: RelayOwner):
@@ -95,18 +112,6 @@ class SessionRelay(asyncssh.SSHServerSession):
 
     def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
         self._front = chan
-
-    def pty_requested(self, term_type, term_size, term_modes) -> bool:
-        return True
-
-    def shell_requested(self) -> bool:
-        return True
-
-    def exec_requested(self, command: str) -> bool:
-        return True
-
-    def subsystem_requested(self, subsystem: str) -> bool:
-        return True
 
     def session_started(self) -> None:
         self._task = self._owner.spawn(self._open_upstream)
