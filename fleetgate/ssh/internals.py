@@ -230,7 +230,8 @@ async def connect_prepared(options: asyncssh.SSHClientConnectionOptions, sock: A
         timeout=opts.connect_timeout)
     conn._options = options  # the copy only carried this connect's waiter: share the original
     # The machine's signature algorithms, one set per distinct list (asyncssh only tests membership).
-    conn._server_sig_algs = _SIG_ALGS.setdefault(frozenset(conn._server_sig_algs), frozenset(conn._server_sig_algs))
+    sig_algs = frozenset(conn._server_sig_algs)
+    conn._server_sig_algs = _SIG_ALGS.setdefault(sig_algs, sig_algs)
     if len(_SIG_ALGS) > 256:
         _SIG_ALGS.clear()
     return conn
@@ -1067,6 +1068,3 @@ def pair_channels(a: Any, b: Any, gate: Callable[[], bool], count: Callable[[int
     a._fg_gate = gate
     a._fg_count = count
 
-
-def unpair_channel(a: Any) -> None:
-    a._fg_to = None
