@@ -4,7 +4,12 @@ Everything fleetgate needs from asyncssh beyond its public API lives here, so th
 asyncssh upgrade is checked in one place (tests/test_internals.py fails loudly if a
 bump breaks a hook):
 
-- `apply_relay_tuning()`: per-packet costs of asyncssh that a relay pays twice per byte;
+- `apply_relay_tuning()`: per-packet costs of asyncssh that a relay pays twice per byte,
+  and per-login ones (no server config reload, KEXINIT payloads dropped after the
+  exchange hash); it also installs `apply_fast_path()`: AES-GCM packets decrypted from the
+  input buffer and data between two channels paired by `pair_channels()` sent on as one
+  packet (see the section below);
+- `connect_prepared()`: an upstream connection from client options prepared once;
 - `set_agent_forward_path()`: agent forwarding decided per session, not per connection;
 - `hook_verified_publickey()`: a callback after asyncssh has verified a user's signature;
 - `send_exit_status()`, `send_exit_signal()`, `has_unread_data()`: what a relay needs to
