@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Refreshes requirements.lock on purpose: every runtime, test and build dependency of
+# pyproject.toml resolved to today's newest allowed versions, with hashes, for Linux x86_64
+# and Python 3.11 (Debian 12's). Then rebuilds .venv from the new lock and runs the fast
+# tier, so an upgrade is one reviewed diff of requirements.lock plus a green fast tier:
+#   ./scripts/lock.sh                 refresh and test
+#   ./scripts/lock.sh --check         only say whether pyproject.toml and the lock agree
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ "${1:-}" == "--check" ]]; then
+    exec python3 scripts/lockcheck.py
+fi
+./scripts/setup.sh    # a venv with the locked uv in it
+.venv/bin/uv pip compile pyproject.toml --quiet --extra test --extra dev --generate-hashes \
+    --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
+    --index-url https://pypi.org/simple --upgrade \
+    --custom-compile-command ./scripts/lock.sh -o requirements.lock
+git --no-pager diff --stat -- requirements.lock || true
+./scripts/setup.sh    # the lock changed: .venv is rebuilt from it
+exec .venv/bin/python -m pytest -m "not e2e" -q
