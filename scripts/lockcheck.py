@@ -106,6 +106,19 @@ def problems(pyproject: Path = ROOT / "pyproject.toml", lock: Path = ROOT / "req
             out.append(f"{lock.name} pins {pin}=={pins[pin]}, which nothing in pyproject.toml needs any more")
     if name in pins:
         out.append(f"{lock.name} pins {name} itself")
+    runtime = lock.with_name("requirements-runtime.lock")
+    if not runtime.exists():
+        out.append(f"{runtime.name} is missing")
+    else:
+        rpins, _ = read_lock(runtime)
+        for pin, version in sorted(rpins.items()):
+            if pins.get(pin) != version:
+                out.append(f"{runtime.name} pins {pin}=={version}, {lock.name} {pins.get(pin, 'nothing')}")
+        for req in project.get("dependencies", []):
+            req, _, marker = req.partition(";")
+            rname = normalize(re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1))
+            if (not marker or marker_applies(marker)) and rname not in rpins:
+                out.append(f"{runtime.name} lacks the runtime dependency {rname}")
     return out
 
 
