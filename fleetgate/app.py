@@ -17,7 +17,7 @@ from functools import partial
 
 import trio
 
-from . import fdlimit, http, passthrough, private
+from . import fdlimit, http, logsetup, passthrough, private
 from .admin import AdminAPI
 from .audit import AuditLog
 from .backends import BACKEND_TYPES, Backend
@@ -155,11 +155,12 @@ class App:
             log.warning("drain timeout: closing connections=%d", len(gw.connections))
         running.shutdown.set()
 
-    async def handle_signals(self) -> None:
+    async def handle_signals(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """SIGHUP reloads; SIGTERM or SIGINT drains, then shuts down; a second one shuts down at once."""
         draining = False
         async with trio.open_nursery() as nursery:
             with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: reloading %s", self.config.path)
@@ -212,6 +213,7 @@ class App:
         """Run until cancelled or until `Running.shutdown` is set."""
         if self.config.gateway.relay_tuning:
             internals.apply_relay_tuning()
+        logsetup.quiet_libraries()  # httpx's per-request INFO lines (URLs with their secrets) off
         before, after = fdlimit.raise_soft_limit()  # descriptors are the budget every connection draws on
         self.metrics.fd_limit.set(after)
         log.info("open-file limit=%d (soft limit was %d) max_unauthenticated=%d", after, before,

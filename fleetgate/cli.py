@@ -15,14 +15,9 @@ from .config import ConfigError, load
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from .logfmt import formatter
+    from .logsetup import configure
 
-    # Field values are quoted (or JSON): a client-chosen login name cannot forge fields.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(formatter(fmt))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
-    # asyncssh logs every channel request at INFO; its warnings are what operators need.
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    configure(level, fmt)
 
 
 async def _run_app(config, stop_machines_on_exit: bool, on_started=None) -> None:
@@ -31,9 +26,11 @@ async def _run_app(config, stop_machines_on_exit: bool, on_started=None) -> None
     app = App(config, stop_machines_on_exit=stop_machines_on_exit, sockets=inherited_sockets())
     async with trio.open_nursery() as nursery:
         running = await nursery.start(app.run)
+        # Signals are ours before the user is told the gateway is up: a Ctrl-C right after the
+        # banner drains like any other, instead of a KeyboardInterrupt traceback mid-print.
+        await nursery.start(app.handle_signals)
         if on_started:
             on_started(running)
-        nursery.start_soon(app.handle_signals)
         await running.shutdown.wait()
         nursery.cancel_scope.cancel()
 
@@ -138,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     try:
         trio.run(_run_app, config, False)
+    except KeyboardInterrupt:  # Ctrl-C while starting, before the signal handlers were in place
+        return 130
     except BaseException as exc:  # bad config or environment at start: one line, the traceback at debug level
         line = _start_failure(exc)
         if line is None:
@@ -179,9 +178,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         def started(running) -> None:
             print(demo.instructions(state_dir, running.ssh_ports[0], running.metrics_port), flush=True)
 
-        trio.run(_run_app, config, True, started)
+        try:
+            trio.run(_run_app, config, True, started)
+        except KeyboardInterrupt:  # Ctrl-C while starting, before the signal handlers were in place
+            return 130
         return 0
-    return trio.run(_run_demo_with_monitoring, config, state_dir, args)
+    try:
+        return trio.run(_run_demo_with_monitoring, config, state_dir, args)
+    except KeyboardInterrupt:
+        return 130
 
 
 async def _run_demo_with_monitoring(config, state_dir: Path, args: argparse.Namespace) -> int:
@@ -364,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .warnpolicy import quiet_dependencies
+
+    quiet_dependencies()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "config", "unset") is None and getattr(args, "admin_socket", "unset") is None:

@@ -31,11 +31,13 @@ from typing import Any, Awaitable, Callable, Generic, Hashable, Mapping, TypeVar
 import httpx
 import trio
 
+from . import logsetup
 from .errors import FleetgateError, RoutingError
 from .routing import LoginInfo, Target
 from .settings import MachineConfig, RoutingConfig
 
 log = logging.getLogger(__name__)
+logsetup.redact_http_logs()  # httpx logs request URLs: never their query secrets
 
 MAX_ANSWER = 64 * 1024
 MAX_MESSAGE = 300

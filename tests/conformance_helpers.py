@@ -328,11 +328,18 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def sshd_algorithms() -> dict[str, list[str]]:
-    """Ciphers, MACs and key exchanges a default sshd on this machine offers (`sshd -T`)."""
+def sshd_algorithms(workdir: Path) -> dict[str, list[str]]:
+    """Ciphers, MACs and key exchanges a default sshd on this machine offers (`sshd -T`).
+
+    With a host key of its own in workdir: `sshd -T` prints nothing on a machine whose
+    /etc/ssh has no host keys yet (a fresh install), which made the list empty there."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    key = workdir / "host_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=20)
     try:
-        p = subprocess.run([sshd, "-T", "-f", "/dev/null"], capture_output=True, timeout=20, text=True)
+        p = subprocess.run([sshd, "-T", "-f", "/dev/null", "-h", str(key)], capture_output=True, timeout=20,
+                           text=True)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     found = {}

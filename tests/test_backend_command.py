@@ -7,6 +7,7 @@ are ordinary shell scripts written by the test, the "VM" a real sshd they daemon
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from types import MappingProxyType
 
@@ -53,10 +54,12 @@ echo "error: Domain not found: no domain with matching name '$1'" >&2
 exit 3
 """
 # Ignores TERM (and so does its child), so the timeout must escalate to KILL on the whole group.
+# The child is a copy of sleep under the test's directory, so that a scan of /proc finds every
+# survivor by its command line, whether or not the script got as far as writing the pid files.
 HANG = """#!/bin/sh
 trap '' TERM
 echo $$ > "{vms}/hang.pid"
-sleep 120 &
+"{vms}/hang-sleep" 120 &
 echo $! > "{vms}/hang-child.pid"
 echo "waiting for the hypervisor lock" >&2
 wait
@@ -67,6 +70,20 @@ def script(path: Path, text: str, **fmt: str) -> str:
     path.write_text(text.format(**fmt))
     path.chmod(0o755)
     return str(path)
+
+
+def survivors(mark: str) -> list[str]:
+    """Live (not zombie) processes whose command line mentions `mark`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and alive(int(entry.name)):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if mark in cmdline:
+                found.append(f"{entry.name}: {cmdline}")
+    return found
 
 
 def alive(pid: int) -> bool:
@@ -104,6 +121,7 @@ async def test_real_scripts_success_nonzero_exit_and_timeout(tmp_path, nursery):
     fleet, cfg = make_fleet(tmp_path, patch=patch, isolation="none")  # its "VM" is a host sshd
     mdir = fleet.dir / "machines" / "alice"
     (vms / "ok").mkdir(parents=True)
+    shutil.copy2(shutil.which("sleep"), vms / "hang-sleep")
     (vms / "ok" / "sshd_config").write_text(SSHD_CONFIG.format(port=port, mdir=mdir, vmdir=vms / "ok"))
     await start_gateway(nursery, fleet, cfg)
     try:
@@ -134,8 +152,13 @@ async def test_real_scripts_success_nonzero_exit_and_timeout(tmp_path, nursery):
         assert "fleetgate: hang could not be started: start command timed out after 1 s (error id " in r.err, r.err
         assert "hypervisor lock" not in r.err, r.err
         assert fleet.metric("fleetgate_wake_failures_total", backend="cmd-hang", reason="backend_unreachable") == 1
+        # Nothing of the start command survives. Under load the timeout can fire before the
+        # script wrote its pid files, so the proof is a scan for its command lines; the pid
+        # files, where written, name dead processes too.
+        assert survivors(str(vms)) == []
         for f in ("hang.pid", "hang-child.pid"):
-            assert not alive(int((vms / f).read_text())), f
+            if (vms / f).exists():
+                assert not alive(int((vms / f).read_text())), f
     finally:
         pid_file = vms / "ok" / "sshd.pid"
         if pid_file.exists():

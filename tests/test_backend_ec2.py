@@ -41,12 +41,13 @@ from fleetgate.backends.process import ProcessBackend
 from fleetgate.config import BackendConfig, MachineConfig
 from fleetgate.fleet import State
 from helpers import free_port, make_fleet, run, start_gateway
+from logsecrets import token
 
 pytestmark = pytest.mark.e2e
 
 REGION = "eu-west-1"
 ACCESS_KEY = "AKIAFLEETGATETEST0001"
-SECRET_KEY = "fleetgate-test-secret-key-never-logged"
+SECRET_KEY = token("fleetgate-test-secret-key-never-logged")
 MOTO_START_TIMEOUT = 60.0
 
 

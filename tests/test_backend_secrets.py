@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from logsecrets import token
 from fakes import FakeBackend, machine_config, make_fleet
 from fleetgate.backends.base import BackendError
 from fleetgate.backends.command import CommandBackend
@@ -24,7 +25,8 @@ from fleetgate.backends.http import HttpBackend
 from fleetgate.config import BackendConfig
 from fleetgate.errors import WakeError
 
-SECRET = "sk-live-0123456789abcdef"
+SECRET = token("sk-live-0123456789abcdef")  # configuration: never in a log line
+BACKEND_SAID = "backend-said-0123456789"  # a backend's own output: the operator's log gets it
 ERROR_ID = re.compile(r"\(error id ([0-9a-f]{8})\)")
 
 
@@ -38,16 +40,16 @@ async def test_command_stderr_goes_to_the_log_only_and_env_is_minimal(tmp_path, 
     monkeypatch.setenv("AWS_PROFILE", "fleet")
     env_file = tmp_path / "env"
     script = tmp_path / "start.sh"
-    script.write_text(f'#!/bin/sh\nenv > "{env_file}"\necho "auth failed for token {SECRET}" >&2\nexit 3\n')
+    script.write_text(f'#!/bin/sh\nenv > "{env_file}"\necho "auth failed for token {BACKEND_SAID}" >&2\nexit 3\n')
     script.chmod(0o700)
     b = _command_backend(tmp_path, start=[str(script), "{machine}"], pass_env=["AWS_PROFILE"])
     with pytest.raises(BackendError) as info:
         await b.start(machine_config("vm", backend="cmd"))
     shown = str(info.value)
-    assert SECRET not in shown and "auth failed" not in shown
+    assert BACKEND_SAID not in shown and "auth failed" not in shown
     assert shown.startswith("start command exited with status 3 (error id ")
     assert ERROR_ID.search(shown).group(1) == info.value.error_id
-    assert SECRET in info.value.detail  # the operator's log gets the stderr tail
+    assert BACKEND_SAID in info.value.detail  # the operator's log gets the stderr tail
     env = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
     assert "FLEETGATE_OTHER_BACKEND_TOKEN" not in env
     assert env["FLEETGATE_MACHINE"] == "vm" and env["FLEETGATE_OP"] == "start"
@@ -87,14 +89,14 @@ async def test_http_start_failure_shows_no_query_string_nor_answer(tmp_path):
 async def test_user_message_and_log_line_share_the_error_id(nursery, autojump_clock, caplog):
     class Leaky(FakeBackend):
         async def start(self, machine):
-            raise BackendError("the API refused the start", "start_error", detail=f"token {SECRET} revoked")
+            raise BackendError("the API refused the start", "start_error", detail=f"token {BACKEND_SAID} revoked")
 
     fleet = make_fleet(nursery, Leaky(), machine_config("alice"))
     with caplog.at_level(logging.WARNING, logger="fleetgate.fleet"), pytest.raises(WakeError) as info:
         with trio.fail_after(60):
             await fleet.acquire("alice")
     message = info.value.message
-    assert SECRET not in message
+    assert BACKEND_SAID not in message
     error_id = ERROR_ID.search(message).group(1)
     lines = [r.getMessage() for r in caplog.records if "wake failed" in r.getMessage()]
-    assert len(lines) == 1 and f"error_id={error_id}" in lines[0] and SECRET in lines[0]
+    assert len(lines) == 1 and f"error_id={error_id}" in lines[0] and BACKEND_SAID in lines[0]

@@ -12,6 +12,7 @@ FLEETGATE_RANDOM_CASES raises the count (CI runs 10 000); a failure prints its s
 from __future__ import annotations
 
 import logging
+import functools
 import os
 import random
 
@@ -27,7 +28,11 @@ from fleetgate.reaper import Reaper
 
 # The fast tier runs 2 000 seeded cases (~10 s); CI (.ci/run) runs 10 000 and more replica cases.
 CASES = int(os.environ.get("FLEETGATE_RANDOM_CASES", "2000"))
-METRICS = Metrics()  # shared: building a registry per case would dominate the run time
+@functools.cache
+def shared_metrics() -> Metrics:
+    """One registry for all cases (building one per case would dominate the run time), made
+    on first use: Metrics() asks git for the build revision, which must not run at collection."""
+    return Metrics()
 
 
 async def one_case(rng: random.Random) -> list[str]:
@@ -42,7 +47,7 @@ async def one_case(rng: random.Random) -> list[str]:
         if rng.random() < 0.2:
             backend.power[n] = PowerState.RUNNING  # left running by a previous gateway
     async with trio.open_nursery() as nursery:
-        fleet = make_fleet(nursery, backend, *configs, metrics=METRICS)
+        fleet = make_fleet(nursery, backend, *configs, metrics=shared_metrics())
         await fleet.reconcile()
         await nursery.start(Reaper(fleet, interval=rng.choice([0.5, 1.0, 3.0])).run)
 
@@ -132,7 +137,7 @@ async def one_shared_case(rng: random.Random) -> list[str]:
         cluster = FakeCluster()
         nursery.start_soon(cluster.expiry_loop)
         replicas = [await start_replica(nursery, cluster, backend, f"r{i}", *configs, ttl=rng.choice([3, 10]),
-                                        reaper_interval=rng.choice([0.5, 1.0, 3.0]), metrics=METRICS)
+                                        reaper_interval=rng.choice([0.5, 1.0, 3.0]), metrics=shared_metrics())
                     for i in range(rng.randint(2, 3))]
 
         async def outages() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_fleet, run, start_gateway
+from logsecrets import token
 
 ACCOUNT = "fgpwtest"
 
@@ -25,7 +26,7 @@ def account() -> tuple[str, str]:
     if subprocess.run(["id", ACCOUNT], capture_output=True).returncode != 0:
         subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/sh",
                         ACCOUNT], check=True)
-    password = "pw-" + secrets.token_hex(8)
+    password = token("pw-" + secrets.token_hex(8))
     subprocess.run(["chpasswd"], input=f"{ACCOUNT}:{password}\n".encode(), check=True)
     return ACCOUNT, password
 

@@ -18,11 +18,12 @@ from typing import Any, Callable
 import pytest
 import trio
 
+from logsecrets import token
 from helpers import REPO, make_fleet, run, spawn_until, start_gateway
 
 pytestmark = pytest.mark.e2e
 
-TOKEN = "s3cret-token-for-tests"
+TOKEN = token("s3cret-token-for-tests")
 Answer = tuple[int, bytes]
 
 

@@ -19,10 +19,12 @@ from typing import Any, Callable, Iterable, Mapping
 
 import trio
 
+from .. import logsetup
 from ..settings import MachineConfig
 from .base import Address, Backend, BackendError, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
+logsetup.redact_http_logs()  # httpx logs request URLs: never their query secrets
 
 CALL_TIMEOUT = 30.0
 

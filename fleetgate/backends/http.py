@@ -32,10 +32,12 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from .. import logsetup
 from ..settings import BackendConfig, MachineConfig
 from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 
 log = logging.getLogger(__name__)
+logsetup.redact_http_logs()  # httpx logs request URLs: never their query secrets
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 MAX_ANSWER = 64 * 1024

@@ -20,9 +20,11 @@ from typing import Any, AsyncIterator, Sequence
 import httpx
 import trio
 
+from .. import logsetup
 from .base import StoreConfig, StoreUnavailable
 
 log = logging.getLogger(__name__)
+logsetup.redact_http_logs()  # httpx logs request URLs: never their query secrets
 
 
 def _b64(s: str | bytes) -> str:
