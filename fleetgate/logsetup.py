@@ -4,8 +4,9 @@ Why: libraries log too, and not for operators. httpx writes a line at INFO for e
 every etcd call included (more than half of a replica's log), with the full URL, so a
 `status_url = ".../status?api_key=..."` put the key in the journal at every reconcile.
 botocore at DEBUG logs signed request headers. So the gateway sets third-party loggers
-explicitly: at WARNING unless the operator asked for debug, and even then with URL query
-values and user-info passwords redacted in httpx's lines. asyncssh stays at WARNING always: it
+explicitly: httpx's line per request only for a failed request (HTTP 4xx or 5xx) unless the
+operator asked for debug, its other loggers at WARNING, and URL query values and user-info
+passwords redacted in httpx's lines at every level. asyncssh stays at WARNING always: it
 logs every channel request at INFO, and the relay's own lines say what an operator needs.
 """
 
@@ -37,24 +38,34 @@ def redact_url(url: Any) -> str:
     return str(u)
 
 
-class RedactHttpx(logging.Filter):
-    """httpx's request lines with their URL redacted (it passes the URL as an argument)."""
+class HttpxLines(logging.Filter):
+    """httpx's request lines: a failed request (HTTP 4xx/5xx) stays, at INFO, a successful one
+    only when debug was asked for; the URL (an argument of the record) always redacted."""
+
+    def __init__(self) -> None:
+        super().__init__("httpx")
+        self.show_success = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and record.args:
-            record.args = tuple(redact_url(a) if type(a).__name__ == "URL" else a for a in record.args)
+        if not isinstance(record.args, tuple) or not record.args:
+            return True
+        status = next((a for a in record.args if isinstance(a, int) and 100 <= a <= 599), None)
+        if status is not None and status < 400 and not self.show_success:
+            return False
+        record.args = tuple(redact_url(a) if type(a).__name__ == "URL" else a for a in record.args)
         return True
 
 
-_REDACT = RedactHttpx()
+_HTTPX = HttpxLines()
 
 
 def redact_http_logs() -> None:
-    """Redact httpx's URLs whatever its level. Every module of ours that makes an httpx client
-    calls this when imported, so no embedding or test logging setup can show a query secret."""
+    """Redact httpx's URLs whatever its level, and keep only its failure lines unless asked.
+    Every module of ours that makes an httpx client calls this when imported, so no embedding
+    or test logging setup can show a query secret or a line per successful request."""
     httpx_log = logging.getLogger("httpx")
-    if _REDACT not in httpx_log.filters:
-        httpx_log.addFilter(_REDACT)
+    if _HTTPX not in httpx_log.filters:
+        httpx_log.addFilter(_HTTPX)
 
 
 def quiet_libraries(debug: bool | None = None) -> None:
@@ -68,6 +79,9 @@ def quiet_libraries(debug: bool | None = None) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     for name in NEVER_DEBUG:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # httpx's own line per request: failures at INFO (see HttpxLines), successes at debug.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.INFO)
+    _HTTPX.show_success = debug
     redact_http_logs()
 
 
