@@ -120,6 +120,9 @@ class Backend:
         # Set by the Fleet: backends that make several requests per call (HTTP retries) report
         # each one with the class of its answer (2xx..5xx, or none), for fleetgate_backend_requests_total.
         self.on_request: Callable[[str, str], None] = lambda op, status_class: None
+        # Set by the Fleet: a backend that could not write its state (a full disk) reports the
+        # kind of file (STATE_WRITE_KINDS in metrics.py), for fleetgate_state_write_errors_total.
+        self.on_state_write_error: Callable[[str], None] = lambda kind: None
 
     def progress_note(self, machine: MachineConfig) -> str | None:
         """Extra words for the user's progress line while this machine starts (e.g. a queue)."""
