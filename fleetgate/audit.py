@@ -35,6 +35,17 @@ class AuditLog:
         self._last_complaint = -COMPLAIN_EVERY
         self._torn = False   # a partial line could not be taken back: start the next one on a new line
 
+    def prepare(self, destination: Path | str | None) -> int | None:
+        """A reload's new destination, opened now (OSError: the reload is refused): for switch()."""
+        if destination is None or str(destination) == "-":
+            return None
+        return private.open_append_fd(destination)
+
+    def switch(self, destination: Path | str | None, fd: int | None) -> None:
+        """Write to `destination` from now on (a reload), through fd from prepare()."""
+        self._drop_file()
+        self.destination, self._fd, self._torn = destination, fd, False
+
     def _open(self) -> int:
         if self._fd is None:
             self._fd = private.open_append_fd(self.destination)  # 0600: it names users and addresses

@@ -46,3 +46,21 @@ def open_append_fd(path: str | os.PathLike) -> int:
     except FileExistsError:
         fd = os.open(path, flags)
     return fd
+
+
+def write_text(path: str | os.PathLike, text: str, mode: int = FILE_MODE) -> None:
+    """Write a whole file with exactly `mode` (an existing file gets it too), whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, mode)
+        f.write(text)
+
+
+def restrict_dir(path: str | os.PathLike) -> int | None:
+    """Make an existing directory of ours 0700; return its old mode if that changed it."""
+    st = os.stat(path)
+    old = st.st_mode & 0o7777
+    if st.st_uid != os.geteuid() or old == DIR_MODE:
+        return None
+    os.chmod(path, DIR_MODE)
+    return old

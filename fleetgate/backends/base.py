@@ -138,6 +138,12 @@ class Backend:
         """Yield (key, problem) for bad machine-level options."""
         return ()
 
+    @classmethod
+    def check_machine(cls, machine: MachineConfig, backend_options: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+        """Yield (key, problem) for a machine's common keys as this backend will use them (e.g. its
+        `user`), so that `fleetgate check` refuses what start() would refuse at a login."""
+        return ()
+
     async def start(self, machine: MachineConfig) -> None:
         raise NotImplementedError
 

@@ -358,6 +358,16 @@ class ProcessBackend(Backend):
         if env is not None and (not isinstance(env, list) or not all(isinstance(e, str) for e in env)):
             yield "accept_env", "must be a list of environment variable patterns"
 
+    @classmethod
+    def check_machine(cls, machine: MachineConfig, backend_options: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+        # An isolated machine's account: root, the gateway's account or a privileged group's
+        # member is refused here, not first at a login. (No user at all is still refused at start.)
+        if backend_options.get("isolation", "namespaces") != "none" and machine.user is not None:
+            problem = check_account(machine.user, machine.name)
+            if problem is not None:
+                yield "user", (f"{problem} (an isolated process machine runs its users' sessions as this account; "
+                               f"e.g. user = \"fg-{machine.name}\", created if missing)")
+
     def __init__(self, config, resolve, state_dir: Path):
         super().__init__(config, resolve, state_dir)
         self.sshd = config.options.get("sshd") or find_sshd() or "/usr/sbin/sshd"
