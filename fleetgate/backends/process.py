@@ -8,12 +8,19 @@ second copy.
 Because such a machine runs on the gateway host, it is isolated by default
 (`isolation = "namespaces"`, needs root): each machine's sshd runs in its own network
 namespace (only a loopback: the gateway's ports, other machines and the host's network
-are out of reach; `-R` binds there), its own mount namespace (private /tmp, /var/tmp and
-/dev/shm, so agent sockets of other machines' sessions are invisible; the gateway's
-state and config directories are hidden behind empty tmpfs) and its own pid namespace,
+are out of reach; `-R` binds there), its own mount namespace (private /tmp, /var/tmp,
+/dev/shm and /run with its own /run/lock, so agent sockets of other machines' sessions are
+invisible; the gateway's state and config directories are hidden behind empty tmpfs), its
+own IPC namespace and its own pid namespace,
 and its users log in as the machine's own unprivileged account (the machine's `user`,
 created as a system account if missing). The gateway reaches the sshd with a socket
 created inside the machine's network namespace (fleetgate.transport, kind "netns").
+
+Nothing a machine can write is trusted (issue 25): the pid file lives outside the one
+directory of the gateway's a machine sees, is written before anything starts (so a full
+disk refuses a start instead of losing a running sshd), and names a process only if that
+process is still the one recorded and the gateway's own (_is_ours); otherwise machines are
+found in /proc. Every file and directory gets its mode explicitly, whatever the umask.
 
 Where that cannot be set up (not root, no unshare), the backend refuses to run unless the
 operator sets `isolation = "none"`: then every machine user is the gateway's own account.
@@ -397,8 +404,8 @@ class ProcessBackend(Backend):
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """At start-up (and for a backend a reload adds): say which mode the machines run in."""
         if self.isolated:
-            log.info("process backend %s: machines isolated (own network, mount and pid namespaces, "
-                     "own account)", self.name)
+            log.info("process backend %s: machines isolated (own network, mount, IPC and pid namespaces, "
+                     "own /tmp and /run, own account)", self.name)
         else:
             log.warning("WARNING: process backend %s runs with isolation = \"none\": every machine runs as the "
                         "gateway's own account on the gateway's network; any user of any machine can read the "
