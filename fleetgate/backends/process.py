@@ -544,22 +544,23 @@ MaxSessions 100
             return None   # reserved for a start that has not recorded its pid (yet)
         return int(parts[0]), int(parts[1])
 
-    def _scan(self, machines: Sequence[MachineConfig]) -> dict[str, int]:
+    def _scan(self, machines: Sequence[MachineConfig]) -> dict[str, list[int]]:
         """This backend's machines that run, found in /proc (not by any file): for a pid file lost
-        to a full disk or a crash, or left by an older fleetgate where the machine could write it."""
-        want = {m.name: m for m in machines}
+        to a full disk or a crash, or left by an older fleetgate where the machine could write it.
+        One read of each process's command line; a candidate is matched to its machine by its
+        sshd_config path and then verified (_is_ours)."""
+        by_cfg = {os.fsencode(str(self._dir(m) / "sshd_config")): m for m in machines}
         heads = {self._argv_head(m)[0] for m in machines}
-        found: dict[str, int] = {}
+        found: dict[str, list[int]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             argv = _cmdline(entry.name)
             if not argv or argv[0] not in heads:
                 continue
-            for name, m in want.items():
-                if name not in found and self._is_ours(int(entry.name), m, argv):
-                    found[name] = int(entry.name)
-                    break
+            m = next((by_cfg[a] for a in argv if a in by_cfg), None)
+            if m is not None and self._is_ours(int(entry.name), m, argv):
+                found.setdefault(m.name, []).append(int(entry.name))
         return found
 
     def _live_pid(self, machine: MachineConfig) -> int | None:
@@ -573,7 +574,7 @@ MaxSessions 100
             pid, started = record
             if proc_start_time(pid) == started and self._is_ours(pid, machine):
                 return pid
-        pid = self._scan([machine]).get(machine.name)
+        pid = min(self._scan([machine]).get(machine.name, []), default=None)
         if pid is not None:
             log.warning("process backend: found machine=%s pid=%s by its process, not its pid file; "
                         "recording it", machine.name, pid)
@@ -648,6 +649,10 @@ MaxSessions 100
         try:
             pidfd = self._reserve_pidfile(machine)
         except OSError as exc:
+            try:
+                self._pidfile(machine).unlink(missing_ok=True)   # no empty record left behind
+            except OSError:
+                pass
             raise self._state_write_failed(machine, "pid_file", self._pidfile(machine), exc) from None
         try:
             await self._spawn(machine, account, cfg, pidfd)
@@ -704,7 +709,7 @@ MaxSessions 100
         if self.stop_delay:
             await trio.sleep(self.stop_delay)
         proc = self._procs.pop(machine.name, None)
-        pids = {self._live_pid(machine), *self._scan([machine]).values()}
+        pids = {self._live_pid(machine), *self._scan([machine]).get(machine.name, [])}
         if proc is not None:
             pids.add(proc.pid)
         pids.discard(None)
