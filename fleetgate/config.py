@@ -329,10 +329,11 @@ def _admin_socket(r: _Reader, g: Mapping[str, Any], state_dir: Path) -> Path:
     return path
 
 
-def _check_audit_file(r: _Reader, path: Path) -> None:
+def _check_audit_file(r: _Reader, path: Path, state_dir: Path) -> None:
     """The audit file must be appendable, or creatable in an existing directory (the gateway
-    creates the file, not its directory). Tried for real, writing nothing: permission bits say
-    nothing for root, nor about /proc or a read-only file system."""
+    creates the file, not its directory; except the state dir, which `serve` creates first and
+    _check_state_dir checked). Tried for real, writing nothing: permission bits say nothing for
+    root, nor about /proc or a read-only file system."""
     import tempfile
 
     key = "audit.file"
@@ -346,6 +347,8 @@ def _check_audit_file(r: _Reader, path: Path) -> None:
             r.error(key, f"cannot append to {path}: {exc.strerror}")
         return
     parent = path.parent
+    if not parent.exists() and (parent == state_dir or parent in state_dir.parents):
+        return
     if not parent.is_dir():
         r.error(key, f"cannot create {path}: {parent} is not a directory (the gateway creates the file, "
                      f"not its directory)")
@@ -793,7 +796,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     audit_value = r.get(audit, "file", "audit.", str)
     audit_file = audit_value if audit_value in (None, "-") else r.path(audit_value)
     if isinstance(audit_file, Path):
-        _check_audit_file(r, audit_file)
+        _check_audit_file(r, audit_file, gateway.state_dir)
     if r.issues:
         raise ConfigError(r.issues)
     return Config(

@@ -167,6 +167,9 @@ def test_audit_file_must_be_appendable_or_creatable(d):
     assert got[0][0] == "audit.file" and "is a directory" in got[0][1]
     assert parse(d, doc(audit={"file": "audit.log"})).audit_file == d / "audit.log"
     assert not (d / "audit.log").exists()   # check creates nothing
+    # In the state dir, which `serve` creates before it opens the audit log: fine before it exists.
+    cfg = parse(d, doc(gateway={"state_dir": "state/deeper"}, audit={"file": "state/deeper/audit.log"}))
+    assert cfg.audit_file == d / "state/deeper/audit.log" and not (d / "state").exists()
     assert parse(d, doc(audit={"file": "-"})).audit_file == "-"
     assert parse(d, doc(audit={"file": "/dev/full"})).audit_file == Path("/dev/full")  # opens; writes fail later
 
