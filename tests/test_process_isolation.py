@@ -348,6 +348,7 @@ async def test_files_are_private_under_any_umask_and_the_pid_file_is_out_of_reac
             assert {n: _mode(mdir / n) for n in files} == files
             assert _mode(pidfile.parent) == 0o700
             assert (_mode(pidfile), _mode(fleet.config_path), _mode(fleet.dir / "audit.jsonl")) == (0o600,) * 3
+            assert (_mode(fleet.dir / "upstream_key"), _mode(fleet.dir / "upstream_key.pub")) == (0o600, 0o644)
             assert not (mdir / "sshd.pid").exists()
             # Nothing of the gateway's record is in the machine's reach, nor can it plant one.
             r = await run(fleet.ssh("alice", f"ls -A {state}/process; echo 999999 > {mdir}/sshd.pid || echo REFUSED; "
