@@ -111,15 +111,24 @@ class App:
             for issue in exc.issues:
                 log.error("reload rejected, old config stays in force: %s", issue)
             return self._reload_failed()
+        audit_fd = None
         try:
             backends = build_backends(new, self._backends)
             prepared = running.gateway.prepare(new, self.build_router(new))
+            if new.audit_file != self.config.audit_file:
+                audit_fd = self._audit.prepare(new.audit_file)   # a destination that cannot be opened: refused
         except Exception as exc:  # a file changed under check's feet, a key that parses but does not load...
             log.error("reload rejected at apply time, old config stays in force: error=%s: %s",
                       type(exc).__name__, exc)
             return self._reload_failed()
         if new.gateway.listen != self.config.gateway.listen or new.metrics != self.config.metrics:
             log.warning("reload: listen addresses changed; they apply after a restart")
+        if new.gateway.admin_socket != self.config.gateway.admin_socket:
+            log.warning("reload: gateway.admin_socket changed; the admin socket stays at %s until a restart",
+                        self.config.gateway.admin_socket)
+        if new.audit_file != self.config.audit_file:
+            self._audit.switch(new.audit_file, audit_fd)
+            log.info("reload: audit log now at %s", new.audit_file)
         old = set(self._backends.values())
         for b in backends.values():
             if b not in old:
@@ -219,6 +228,10 @@ class App:
         log.info("open-file limit=%d (soft limit was %d) max_unauthenticated=%d", after, before,
                  self.config.limits.max_unauthenticated if self.config.limits else 0)
         private.makedirs(self.config.gateway.state_dir)  # 0700; `fleetgate check` checked it can be created
+        widened = private.restrict_dir(self.config.gateway.state_dir)  # ... and one that exists: 0700 too
+        if widened is not None:
+            log.warning("state dir %s was mode %04o; made it 0700 (the gateway's alone)",
+                        self.config.gateway.state_dir, widened)
         backends = self._backends = build_backends(self.config)
         async with bridge.open_loop(on_error=lambda kind: self.metrics.loop_errors.labels(kind).inc()):
             async with trio.open_nursery() as nursery:
@@ -229,7 +242,7 @@ class App:
                 await nursery.start(store.run)
                 fleet = Fleet(self.config.machines, backends, self.metrics, nursery, store=store)
                 await fleet.reconcile(concurrency=self.config.gateway.status_concurrency)
-                audit = AuditLog(self.config.audit_file, self.metrics)
+                audit = self._audit = AuditLog(self.config.audit_file, self.metrics)
                 gateway = Gateway(self.config, fleet, self.build_router(self.config),
                                   self.metrics, audit)
                 gateway.inherited_sockets = self.sockets

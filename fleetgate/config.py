@@ -311,6 +311,56 @@ def _check_state_dir(reader: _Reader, path: Path, key: str) -> None:
                           f"backends' state there")
 
 
+# A Unix socket's path goes in sockaddr_un.sun_path: 108 bytes on Linux, with the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+def _admin_socket(r: _Reader, g: Mapping[str, Any], state_dir: Path) -> Path:
+    """gateway.admin_socket, or state_dir/admin.sock; a path bind() would refuse is an error now."""
+    given = r.path(r.get(g, "admin_socket", "gateway.", str))
+    path = given or (state_dir / "admin.sock")
+    size = len(os.fsencode(str(path)))
+    if size > UNIX_PATH_MAX:
+        fix = ("give a shorter path" if given else
+               f"it is gateway.state_dir + /admin.sock; set gateway.admin_socket to a shorter path (e.g. "
+               f"/run/fleetgate/admin.sock) or shorten gateway.state_dir")
+        r.error("gateway.admin_socket", f"{path} is {size} bytes; a Unix socket path must be at most "
+                                        f"{UNIX_PATH_MAX} bytes; {fix}")
+    return path
+
+
+def _check_audit_file(r: _Reader, path: Path, state_dir: Path) -> None:
+    """The audit file must be appendable, or creatable in an existing directory (the gateway
+    creates the file, not its directory; except the state dir, which `serve` creates first and
+    _check_state_dir checked). Tried for real, writing nothing: permission bits say nothing for
+    root, nor about /proc or a read-only file system."""
+    import tempfile
+
+    key = "audit.file"
+    if path.exists():
+        if path.is_dir():
+            r.error(key, f"{path} is a directory; give a file path (one JSON line per session is appended)")
+            return
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC))
+        except OSError as exc:
+            r.error(key, f"cannot append to {path}: {exc.strerror}")
+        return
+    parent = path.parent
+    if not parent.exists() and (parent == state_dir or parent in state_dir.parents):
+        return
+    if not parent.is_dir():
+        r.error(key, f"cannot create {path}: {parent} is not a directory (the gateway creates the file, "
+                     f"not its directory)")
+        return
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        r.error(key, f"cannot create {path} (in {parent}): {exc.strerror}; the gateway appends one JSON "
+                     f"line per session there")
+
+
 def load(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Load and validate a config file; raise ConfigError listing every problem."""
     path = Path(path)
@@ -541,7 +591,9 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
         upstream_key=upstream_key,
         state_dir=state_dir,
         login_grace=r.get(g, "login_grace", "gateway.", float, 30.0, check=_positive),
-        keepalive_interval=r.get(g, "keepalive_interval", "gateway.", float, 30.0, check=_positive),
+        keepalive_interval=r.get(g, "keepalive_interval", "gateway.", float, 30.0, check=lambda v: None if v >= 1 else
+                                 f"must be at least 1 second (a keepalive is a request the client must answer; "
+                                 f"every {v:g} s ends every session), got {v:g}"),
         ciphers=tuple(ciphers),
         macs=tuple(macs),
         kex_algorithms=tuple(kex_algorithms),
@@ -556,7 +608,7 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
                          check=lambda v: None if v in ("local", "any", "none") else
                          f"must be 'local' (-L to the machine's own services), 'any' (the machine's sshd decides) "
                          f"or 'none', got '{v}'"),
-        admin_socket=r.path(r.get(g, "admin_socket", "gateway.", str)) or (state_dir / "admin.sock"),
+        admin_socket=_admin_socket(r, g, state_dir),
         reconcile_interval=r.get(g, "reconcile_interval", "gateway.", float, 30.0, check=_positive),
         status_concurrency=r.get(g, "status_concurrency", "gateway.", int, 16,
                                  check=lambda v: None if 1 <= v <= 1024 else "must be between 1 and 1024"),
@@ -695,6 +747,9 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
             host_ca_keys=tuple(host_ca_m),
             password_passthrough=r.get(mc, "password_passthrough", prefix, bool, False),
         )
+        if bconf:
+            for problem_key, problem in BACKEND_TYPES[bconf.type].check_machine(machines[name], bconf.options):
+                r.error(f"{prefix}{problem_key}", problem)
 
     routing = _parse_routing(r, doc)
 
@@ -740,6 +795,8 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
     r.unknown_keys(audit, {"file"}, "audit.")
     audit_value = r.get(audit, "file", "audit.", str)
     audit_file = audit_value if audit_value in (None, "-") else r.path(audit_value)
+    if isinstance(audit_file, Path):
+        _check_audit_file(r, audit_file, gateway.state_dir)
     if r.issues:
         raise ConfigError(r.issues)
     return Config(

@@ -13,6 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
+from . import private
 from .keys import ensure_key, public_line
 
 if sys.version_info >= (3, 11):
@@ -53,7 +54,7 @@ def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: fl
     broken: also a machine `broken` whose sshd is /bin/false, that alice may log in to
     (`alice+broken`): the documented way to make a wake fail (`fleetgate demo --monitoring`)."""
     d = state_dir
-    d.mkdir(parents=True, exist_ok=True)
+    private.makedirs(d)   # 0700 whatever the umask (keys and the config live here)
     host_key = ensure_key(d / "gateway_host_key", "fleetgate-demo-gateway")
     upstream_key = ensure_key(d / "upstream_key", "fleetgate-demo-upstream")
     client_key = ensure_key(d / "client_key", "fleetgate-demo-client")
@@ -83,7 +84,7 @@ def prepare(state_dir: Path, port: int, metrics_port: int | None, boot_delay: fl
         mdir = d / "machines" / name
         mkey = ensure_key(mdir / "ssh_host_ed25519_key", f"fleetgate-demo-{name}")
         # The gateway's key, and the client's too so that jump mode (end to end) works.
-        (mdir / "authorized_keys").write_text(public_line(upstream_key) + "\n" + public_line(client_key) + "\n")
+        private.write_text(mdir / "authorized_keys", public_line(upstream_key) + "\n" + public_line(client_key) + "\n")
         known.append(f"{name} {public_line(mkey)}")  # for jump mode: ssh -J ... {me}@{name}
         ports.setdefault(name, _free_port())
         machines.append(f"""
@@ -102,8 +103,8 @@ boot_timeout = {max(30.0, boot_delay + 30):g}
         ports.setdefault("broken", _free_port())
         alice = alice.replace(f"port = {ports['alice']}\n", f"port = {ports['broken']}\n")
         machines.append(alice)
-    (d / "known_hosts").write_text("".join(line + "\n" for line in known))
-    ports_file.write_text("".join(f"{k}={v}\n" for k, v in ports.items()))
+    private.write_text(d / "known_hosts", "".join(line + "\n" for line in known))
+    private.write_text(ports_file, "".join(f"{k}={v}\n" for k, v in ports.items()))
     users = "".join(f"""
 [users.{name}]
 authorized_keys_file = "client_key.pub"
@@ -128,7 +129,7 @@ type = "process"
 start_delay = {boot_delay:g}
 {isolation}{broken_backend}{''.join(machines)}{users}"""
     cfg = d / "fleetgate.toml"
-    cfg.write_text(text)
+    private.write_text(cfg, text)
     return cfg
 
 

@@ -156,6 +156,7 @@ class Fleet:
             backend.on_machine_exited = self.machine_exited
             backend.on_request = (lambda op, cls, _b=backend.name:
                                   self.metrics.backend_requests.labels(_b, op, cls).inc())
+            backend.on_state_write_error = lambda kind: self.metrics.state_write_errors.labels(kind).inc()
             m = self.machines.get(name)
             if m is None:
                 self.machines[name] = Machine(mc, backend)

@@ -19,8 +19,10 @@ def ensure_key(path: Path, comment: str = "") -> asyncssh.SSHKey:
     key = asyncssh.generate_private_key("ssh-ed25519", comment=comment or path.name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
         f.write(key.export_private_key("openssh"))
-    Path(f"{path}.pub").write_bytes(key.export_public_key("openssh"))
+    # Public, but nobody else's to change (under umask 000 write_bytes() would make it 0666).
+    private.write_text(f"{path}.pub", key.export_public_key("openssh").decode(), 0o644)
     return key
 
 

@@ -36,6 +36,8 @@ SHELL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 
 HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SESSION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 3 * 3600, 8 * 3600, 24 * 3600)
 
+# fleetgate_state_write_errors_total{kind}: a machine's files (config, key copies) or its pid file.
+STATE_WRITE_KINDS = ("machine_files", "pid_file")
 WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "backend_error", "stop_failed",
                         "cooldown",
                         "store_unavailable",
@@ -338,6 +340,11 @@ class Metrics:
             "fleetgate_reaper_errors", "Idle reaper passes that raised instead of completing.", registry=r)
         self.audit_failures = Counter(
             "fleetgate_audit_write_failures", "Audit log lines that could not be written.", registry=r)
+        self.state_write_errors = Counter(
+            "fleetgate_state_write_errors", "Writes to the state dir that failed (full disk, unwritable), by kind "
+            "of file; the machine concerned was not started.", ["kind"], registry=r)
+        for kind in STATE_WRITE_KINDS:
+            self.state_write_errors.labels(kind)
         self.machine_lost = Counter(
             "fleetgate_machine_lost", "Machines found stopped or unreachable while fleetgate thought them running.",
             ["backend"], registry=r)

@@ -118,3 +118,69 @@ def test_serve_reports_a_bad_config_in_lines_without_traceback(d, capsys):
     assert err.strip().splitlines() == [
         f"error: {path}: key 'gateway.upstream_key': {d / 'upstream_key'} is accessible by group or others "
         f"(mode 0640); a private key must be readable only by the gateway's account: chmod 600 {d / 'upstream_key'}"]
+
+
+# -- issue 25, item 8: what `check` passed and `serve` (or a login) then failed on -----------
+
+def test_admin_socket_path_must_fit_a_unix_socket(d):
+    long = "/tmp/" + "s" * 120 + ".sock"
+    got = issues(d, doc(gateway={"admin_socket": long}))
+    assert got == [("gateway.admin_socket", f"{long} is {len(long)} bytes; a Unix socket path must be at most "
+                                            f"107 bytes; give a shorter path")]
+    # The default, under a deep state_dir: the error says which key to set.
+    deep = "/tmp/" + "d" * 100
+    got = issues(d, doc(gateway={"state_dir": deep}))
+    assert [k for k, _ in got] == ["gateway.admin_socket"], got
+    assert "gateway.state_dir + /admin.sock" in got[0][1] and "set gateway.admin_socket" in got[0][1]
+    cfg = parse(d, doc(gateway={"state_dir": deep, "admin_socket": "/tmp/fg-admin.sock"}))
+    assert str(cfg.gateway.admin_socket) == "/tmp/fg-admin.sock"
+
+
+@pytest.mark.parametrize("value", [1e-7, 0.5, "0.2s"])
+def test_keepalive_interval_is_at_least_a_second(d, value):
+    got = issues(d, doc(gateway={"keepalive_interval": value}))
+    assert len(got) == 1 and got[0][0] == "gateway.keepalive_interval", got
+    assert got[0][1].startswith("must be at least 1 second"), got
+    assert parse(d, doc(gateway={"keepalive_interval": 1})).gateway.keepalive_interval == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the account check compares with the gateway's account (root in CI)")
+def test_isolated_process_machine_refuses_a_privileged_account(d):
+    user = "root"
+    got = issues(d, doc(machines__box2={"user": user}))
+    assert [k for k, _ in got] == ["machines.box2.user"], got
+    assert "root or the gateway's own account" in got[0][1] and 'user = "fg-box2"' in got[0][1]
+    # An account that does not exist yet is created at start: fine. With isolation = "none"
+    # the machine runs as the gateway's account anyway, so its user is not checked.
+    parse(d, doc(machines__box2={"user": "fg-not-there-yet"}))
+    parse(d, doc(backends__local={"isolation": "none"}, machines__box2={"user": user}))
+
+
+def test_audit_file_must_be_appendable_or_creatable(d):
+    got = issues(d, doc(audit={"file": "/proc/fleetgate-audit.log"}))
+    assert len(got) == 1 and got[0][0] == "audit.file", got
+    assert got[0][1].startswith("cannot create /proc/fleetgate-audit.log (in /proc)"), got
+    got = issues(d, doc(audit={"file": str(d / "no-such-dir" / "audit.log")}))
+    assert got == [("audit.file", f"cannot create {d / 'no-such-dir' / 'audit.log'}: {d / 'no-such-dir'} is not a "
+                                  f"directory (the gateway creates the file, not its directory)")]
+    got = issues(d, doc(audit={"file": str(d)}))
+    assert got[0][0] == "audit.file" and "is a directory" in got[0][1]
+    assert parse(d, doc(audit={"file": "audit.log"})).audit_file == d / "audit.log"
+    assert not (d / "audit.log").exists()   # check creates nothing
+    # In the state dir, which `serve` creates before it opens the audit log: fine before it exists.
+    cfg = parse(d, doc(gateway={"state_dir": "state/deeper"}, audit={"file": "state/deeper/audit.log"}))
+    assert cfg.audit_file == d / "state/deeper/audit.log" and not (d / "state").exists()
+    assert parse(d, doc(audit={"file": "-"})).audit_file == "-"
+    assert parse(d, doc(audit={"file": "/dev/full"})).audit_file == Path("/dev/full")  # opens; writes fail later
+
+
+def test_check_command_refuses_each_of_them(d, capsys):
+    for extra, key in ((f'\n[audit]\nfile = "/proc/fleetgate-audit.log"\n', "audit.file"),
+                       ('', "gateway.keepalive_interval")):
+        path = _write(d, extra)
+        if not extra:
+            path.write_text(path.read_text().replace('upstream_key = "upstream_key"\n',
+                                                     'upstream_key = "upstream_key"\nkeepalive_interval = 1e-7\n'))
+        assert cli.main(["check", "-c", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {path}: key '{key}': " in err, err

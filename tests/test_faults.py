@@ -67,7 +67,7 @@ async def test_guest_dies_mid_session(tmp_path, nursery):
     await start_gateway(nursery, fleet, cfg)
     bob = await open_bob(fleet, nursery)
     victim = await Session(fleet.ssh("alice", "echo ready; cat")).open(nursery)
-    pid = int((cfg.gateway.state_dir / "process" / "alice" / "sshd.pid").read_text())
+    pid = int((cfg.gateway.state_dir / "process" / ".pids" / "alice").read_text().split()[0])
     for p in [pid, *descendants(pid)]:  # alice's machine dies: its sshd and every session on it
         try:
             os.kill(p, signal.SIGKILL)

@@ -149,7 +149,7 @@ async def test_machine_killed_outside_is_reported_and_woken_again(tmp_path, nurs
     await start_gateway(nursery, fleet, cfg)
     alice = fleet.machine("alice")
     assert (await run(fleet.ssh("alice", "true"))).returncode == 0
-    pid = int((cfg.gateway.state_dir / "process" / "alice" / "sshd.pid").read_text())
+    pid = int((cfg.gateway.state_dir / "process" / ".pids" / "alice").read_text().split()[0])
     import os
 
     os.killpg(pid, signal.SIGKILL)  # the machine dies behind the gateway's back

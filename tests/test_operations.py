@@ -74,7 +74,7 @@ async def test_sigterm_drains_tells_users_and_leaves_busy_machines_running(tmp_p
     serve = await ServeProcess(fleet.config_path).start(nursery)
     try:
         alice = await Session(["ssh", *fleet.ssh_opts(serve.port), "alice@127.0.0.1", "echo ready; cat"]).open(nursery)
-        pid = int((fleet.dir / "state" / "process" / "alice" / "sshd.pid").read_text())
+        pid = int((fleet.dir / "state" / "process" / ".pids" / "alice").read_text().split()[0])
         serve.signal(signal.SIGTERM)
         await serve.wait_for("draining connections=1")
         await alice.wait_err(b"fleetgate: the gateway is shutting down")

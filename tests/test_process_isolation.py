@@ -241,7 +241,11 @@ async def test_a_reload_that_would_need_isolation_is_rejected_whole(tmp_path, nu
     app = App(load(path), stop_machines_on_exit=True)
     with trio.fail_after(30):
         fleet.running = await nursery.start(app.run)
-    path.write_text(path.read_text().replace('isolation = "none"\n', ""))
+    text = path.read_text().replace('isolation = "none"\n', "")
+    for name in ("alice", "bob"):   # accounts an isolated machine may have (check refuses root)
+        text = text.replace(f'[machines.{name}]\nbackend = "local"\nuser = "{getpass.getuser()}"',
+                            f'[machines.{name}]\nbackend = "local"\nuser = "fg-{name}"')
+    path.write_text(text)
     before = app.config
     assert app.reload() is False
     assert app.config is before
@@ -252,10 +256,20 @@ async def test_a_reload_that_would_need_isolation_is_rejected_whole(tmp_path, nu
 
 
 async def test_isolated_machine_refuses_root_as_its_account(tmp_path, nursery):
+    import dataclasses
+
+    from fleetgate.config import ConfigError
+
     def patch(doc):
         doc["machines"]["alice"]["user"] = "root"
 
-    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    # `check` refuses it (issue 25, item 8) ...
+    with pytest.raises(ConfigError, match="machines.alice.user"):
+        make_fleet(tmp_path, patch=patch)
+    # ... and so does the backend at start, for a config that got past check some other way.
+    fleet, cfg = make_fleet(tmp_path)
+    alice = dataclasses.replace(cfg.machines["alice"], user="root")
+    cfg = dataclasses.replace(cfg, machines={**cfg.machines, "alice": alice})
     await start_gateway(nursery, fleet, cfg)
     r = await run(fleet.ssh("alice", "true"))
     assert r.returncode == 255
@@ -282,3 +296,157 @@ def test_account_checks():
     assert check_account(None, "m") is not None
     assert check_account("Bad Name", "m") is not None
     assert check_account("fg-some-new-machine", "m") is None
+
+
+def _machine_roots(state, machine: str) -> list[int]:
+    """The top process of each running copy of `machine` (its unshare), found in /proc."""
+    cfg = os.fsencode(f"{state}/process/{machine}/sshd_config")
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                argv = open(f"{entry.path}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"unshare") and cfg in argv:
+                out.append(int(entry.name))
+    return out
+
+
+def proc_start_time(pid: int) -> int:
+    """/proc/PID/stat field 22: when the process started, in clock ticks after boot."""
+    return int(open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[19])
+
+
+def _mode(path) -> int:
+    import stat
+
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+async def test_files_are_private_under_any_umask_and_the_pid_file_is_out_of_reach(tmp_path, nursery):
+    """Issue 25, item 7: under umask 000 the state dir was 0777 and sshd_config / sshd.pid 0666;
+    from inside alice's machine `echo 999999 > .../sshd.pid` made a restarted gateway lose her
+    sshd and start a second one."""
+    from fleetgate.app import App
+
+    old_umask = os.umask(0)
+    try:
+        fleet, cfg = make_fleet(tmp_path, patch=lambda doc: doc.update(audit={"file": "audit.jsonl"}))
+        app = App(cfg, stop_machines_on_exit=False)   # a gateway that leaves its machines running
+        async with trio.open_nursery() as first:
+            with trio.fail_after(30):
+                fleet.running = await first.start(app.run)
+            r = await run(fleet.ssh("alice", "echo up"))
+            assert (r.returncode, r.out) == (0, "up\n"), r.err
+            state = cfg.gateway.state_dir
+            mdir = state / "process" / "alice"
+            pidfile = state / "process" / ".pids" / "alice"
+            assert {p: _mode(p) for p in (fleet.dir, state, state / "process", mdir)} == {
+                fleet.dir: 0o700, state: 0o700, state / "process": 0o700, mdir: 0o711}
+            files = {"sshd_config": 0o600, "ssh_host_key": 0o600, "sshd.log": 0o600, "authorized_keys": 0o644}
+            assert {n: _mode(mdir / n) for n in files} == files
+            assert _mode(pidfile.parent) == 0o700
+            assert (_mode(pidfile), _mode(fleet.config_path), _mode(fleet.dir / "audit.jsonl")) == (0o600,) * 3
+            assert (_mode(fleet.dir / "upstream_key"), _mode(fleet.dir / "upstream_key.pub")) == (0o600, 0o644)
+            assert not (mdir / "sshd.pid").exists()
+            # Nothing of the gateway's record is in the machine's reach, nor can it plant one.
+            r = await run(fleet.ssh("alice", f"ls -A {state}/process; echo 999999 > {mdir}/sshd.pid || echo REFUSED; "
+                                             f"echo 999999 > {pidfile} || echo REFUSED"))
+            assert r.out.splitlines() == ["alice", "REFUSED", "REFUSED"], (r.out, r.err)
+            roots = _machine_roots(state, "alice")
+            assert len(roots) == 1
+            fleet.running.shutdown.set()
+        # The record now names a live process of root's with its true start time, but not alice's
+        # sshd (this test's own process): a restarted gateway must neither trust nor kill it.
+        pidfile.write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
+        app = App(cfg, stop_machines_on_exit=True)
+        with trio.fail_after(30):
+            fleet.running = await nursery.start(app.run)
+        assert fleet.machine("alice").state.value == "running"     # adopted, found by its process
+        r = await run(fleet.ssh("alice", "echo again"))
+        assert (r.returncode, r.out) == (0, "again\n"), r.err
+        assert _machine_roots(state, "alice") == roots              # the same sshd, no second one
+        assert pidfile.read_text().split() == [str(roots[0]), str(proc_start_time(roots[0]))]
+        fleet.running.shutdown.set()
+    finally:
+        os.umask(old_umask)
+
+
+async def test_machines_have_their_own_ipc_namespace(tmp_path, nursery):
+    """Issue 25, item 9: a SysV segment made inside a machine was visible on the host."""
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    alice_uid = pwd_uid("fg-alice")
+
+    def alices_segments() -> list[list[str]]:
+        rows = [line.split() for line in open("/proc/sysvipc/shm").read().splitlines()[1:]]
+        return [row for row in rows if row[7] == str(alice_uid)]   # key shmid perms size cpid lpid nattch uid
+
+    try:
+        r = await run(fleet.ssh("alice", "ipcmk -M 4096 >/dev/null && ipcs -m | grep -c fg-alice"))
+        assert r.out == "1\n", (r.out, r.err)
+        assert alices_segments() == []
+        r = await run(fleet.ssh("bob", "ipcs -m | grep -c fg-alice"))
+        assert r.out == "0\n", (r.out, r.err)
+    finally:
+        for seg in alices_segments():   # what an unisolated machine left on the host
+            subprocess.run(["ipcrm", "-m", seg[1]], capture_output=True, check=False)
+
+
+async def test_machines_have_their_own_run_and_run_lock(tmp_path, nursery):
+    """Issue 25, item 9: /run/lock is world-writable and was shared by every machine and the
+    host, so two machines could meet there; the rest of /run (the host's sockets) too."""
+    fleet, cfg = make_fleet(tmp_path)
+    await start_gateway(nursery, fleet, cfg)
+    tag = f"fg-meet-{os.getpid()}"
+    try:
+        r = await run(fleet.ssh("alice", f"touch /run/lock/{tag} && echo LEFT; test -d /run/sshd && echo SSHD; "
+                                         f"ls -A /run | tr '\\n' ' '"))
+        left, sshd, run_dir = r.out.splitlines()
+        assert (left, sshd) == ("LEFT", "SSHD"), (r.out, r.err)
+        assert set(run_dir.split()) <= {"lock", "sshd", "mount"}, run_dir   # mount: mount(8)'s own utab
+        assert not os.path.exists(f"/run/lock/{tag}")
+        r = await run(fleet.ssh("bob", f"test -e /run/lock/{tag} && echo MET || echo ALONE"))
+        assert r.out == "ALONE\n", (r.out, r.err)
+    finally:
+        if os.path.exists(f"/run/lock/{tag}"):   # what an unisolated machine left on the host
+            os.unlink(f"/run/lock/{tag}")
+
+
+def pwd_uid(name: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(name).pw_uid
+
+
+async def test_a_pid_file_written_from_inside_the_machine_loses_nothing(tmp_path, nursery):
+    """Issue 25, item 7, as reported: under umask 000, `echo 999999 > .../sshd.pid` inside alice's
+    machine made a restarted gateway lose her sshd and start a second one."""
+    from fleetgate.app import App
+
+    old_umask = os.umask(0)
+    state = None
+    try:
+        fleet, cfg = make_fleet(tmp_path)
+        state = cfg.gateway.state_dir
+        async with trio.open_nursery() as first:
+            with trio.fail_after(30):
+                fleet.running = await first.start(App(cfg, stop_machines_on_exit=False).run)
+            r = await run(fleet.ssh("alice", f"echo 999999 > {state}/process/alice/sshd.pid; echo done"))
+            assert r.out == "done\n", r.err
+            roots = _machine_roots(state, "alice")
+            assert len(roots) == 1
+            fleet.running.shutdown.set()
+        with trio.fail_after(30):
+            fleet.running = await nursery.start(App(cfg, stop_machines_on_exit=True).run)
+        assert fleet.machine("alice").state.value == "running"
+        r = await run(fleet.ssh("alice", "echo again"))
+        assert (r.returncode, r.out) == (0, "again\n"), r.err
+        assert _machine_roots(state, "alice") == roots   # the same sshd; no second one
+        fleet.running.shutdown.set()
+    finally:
+        os.umask(old_umask)
+        if state is not None:
+            for pid in _machine_roots(state, "alice"):   # what a lost machine left running
+                os.killpg(pid, 9)

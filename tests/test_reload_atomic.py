@@ -93,6 +93,11 @@ MUTATIONS = [
     _set("users.carol", {"authorized_keys": ["not a key"], "machines": ["alice"]}),
     *(_chmod(name, mode) for name in ("gateway_host_key", "upstream_key", "client_key")
       for mode in (0o600, 0o400, 0o640, 0o644)),
+    # issue 25, item 8: each passed check and failed at run time
+    _set("gateway.keepalive_interval", 1e-7),
+    _set("gateway.admin_socket", "/tmp/" + "a" * 110 + ".sock"),
+    _set("audit.file", "/proc/fleetgate-audit.log"),
+    _set("machines.alice.user", "root"),
 ]
 KEYS = ("gateway_host_key", "upstream_key", "client_key")
 
@@ -173,3 +178,39 @@ async def test_serve_reports_a_start_failure_in_one_line(tmp_path):
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"fleetgate cannot start with {fleet.config_path}: OSError" in errors[0], err
+
+
+@pytest.mark.parametrize("change", [
+    ("keepalive_interval = 30\n", "keepalive_interval = 1e-7\n"),
+    ('state_dir = "state"\n', 'state_dir = "state"\nadmin_socket = "/tmp/' + "a" * 110 + '.sock"\n'),
+    ("[backends.local]", '[audit]\nfile = "/proc/fleetgate-audit.log"\n\n[backends.local]'),
+    ('user = "fg-alice"', 'user = "root"'),
+], ids=["keepalive", "admin_socket", "audit_file", "root_user"])
+async def test_a_reload_that_would_fail_at_run_time_is_refused(tmp_path, nursery, change):
+    """Issue 25, item 8: each of these passed `check`, and a reload reported `reloaded`; the
+    gateway then reset every login, could not bind its admin socket, lost its audit lines or
+    refused alice's login. Now check fails, and so the reload is refused whole."""
+    from helpers import run
+
+    fleet, _ = make_fleet(tmp_path)
+    path = fleet.config_path
+    text = path.read_text()
+    if "keepalive_interval" not in text:
+        text = text.replace('state_dir = "state"\n', 'state_dir = "state"\nkeepalive_interval = 30\n')
+        path.write_text(text)
+    old, new = change
+    if old == 'user = "fg-alice"' and old not in text:
+        pytest.skip("machines are not isolated on this host")
+    assert old in text
+    app = App(load(path), stop_machines_on_exit=True)
+    with trio.fail_after(30):
+        fleet.running = await nursery.start(app.run)
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError):
+        load(path)
+    before = app.config
+    assert app.reload() is False
+    assert app.config is before and fleet.running.gateway.config is before
+    r = await run(fleet.ssh("alice", "echo still-serving"))
+    assert (r.returncode, r.out) == (0, "still-serving\n"), r.err
+    fleet.running.shutdown.set()

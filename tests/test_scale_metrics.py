@@ -357,9 +357,10 @@ async def test_process_backend_answers_for_all_from_its_children_and_pid_files(t
 
     backend._procs["up"] = Child(None)
     backend._procs["exited"] = Child(0)
-    stale = tmp_path / "process" / "stale"
-    stale.mkdir(parents=True)
-    (stale / "sshd.pid").write_text(f"{os.getpid()}\n")  # a live pid, but not this machine's sshd
+    pids = tmp_path / "process" / ".pids"
+    pids.mkdir(parents=True)
+    start = open(f"/proc/{os.getpid()}/stat").read().rpartition(")")[2].split()[19]
+    (pids / "stale").write_text(f"{os.getpid()} {start}\n")  # a live pid, but not this machine's sshd
     names = ["up", "exited", "stale", *(f"m{i}" for i in range(100))]
     assert backend.can_status_all()
     with trio.fail_after(30):

@@ -120,6 +120,9 @@ class Backend:
         # Set by the Fleet: backends that make several requests per call (HTTP retries) report
         # each one with the class of its answer (2xx..5xx, or none), for fleetgate_backend_requests_total.
         self.on_request: Callable[[str, str], None] = lambda op, status_class: None
+        # Set by the Fleet: a backend that could not write its state (a full disk) reports the
+        # kind of file (STATE_WRITE_KINDS in metrics.py), for fleetgate_state_write_errors_total.
+        self.on_state_write_error: Callable[[str], None] = lambda kind: None
 
     def progress_note(self, machine: MachineConfig) -> str | None:
         """Extra words for the user's progress line while this machine starts (e.g. a queue)."""
@@ -133,6 +136,12 @@ class Backend:
     @classmethod
     def check_machine_options(cls, opts: Mapping[str, Any], resolve: PathResolver) -> Iterable[tuple[str, str]]:
         """Yield (key, problem) for bad machine-level options."""
+        return ()
+
+    @classmethod
+    def check_machine(cls, machine: MachineConfig, backend_options: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+        """Yield (key, problem) for a machine's common keys as this backend will use them (e.g. its
+        `user`), so that `fleetgate check` refuses what start() would refuse at a login."""
         return ()
 
     async def start(self, machine: MachineConfig) -> None:

@@ -8,12 +8,19 @@ second copy.
 Because such a machine runs on the gateway host, it is isolated by default
 (`isolation = "namespaces"`, needs root): each machine's sshd runs in its own network
 namespace (only a loopback: the gateway's ports, other machines and the host's network
-are out of reach; `-R` binds there), its own mount namespace (private /tmp, /var/tmp and
-/dev/shm, so agent sockets of other machines' sessions are invisible; the gateway's
-state and config directories are hidden behind empty tmpfs) and its own pid namespace,
+are out of reach; `-R` binds there), its own mount namespace (private /tmp, /var/tmp,
+/dev/shm and /run with its own /run/lock, so agent sockets of other machines' sessions are
+invisible; the gateway's state and config directories are hidden behind empty tmpfs), its
+own IPC namespace and its own pid namespace,
 and its users log in as the machine's own unprivileged account (the machine's `user`,
 created as a system account if missing). The gateway reaches the sshd with a socket
 created inside the machine's network namespace (fleetgate.transport, kind "netns").
+
+Nothing a machine can write is trusted (issue 25): the pid file lives outside the one
+directory of the gateway's a machine sees, is written before anything starts (so a full
+disk refuses a start instead of losing a running sshd), and names a process only if that
+process is still the one recorded and the gateway's own (_is_ours); otherwise machines are
+found in /proc. Every file and directory gets its mode explicitly, whatever the umask.
 
 Where that cannot be set up (not root, no unshare), the backend refuses to run unless the
 operator sets `isolation = "none"`: then every machine user is the gateway's own account.
@@ -21,6 +28,7 @@ operator sets `isolation = "none"`: then every machine user is the gateway's own
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
@@ -28,12 +36,14 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import trio
 
+from ..private import makedirs as private_makedirs
 from ..settings import MachineConfig
 from .base import Address, Backend, BackendError, is_port, is_seconds, PathResolver, PowerState
 
@@ -48,6 +58,8 @@ PRIVILEGED_GROUPS = ("root", "sudo", "wheel", "adm", "disk", "shadow", "docker",
 NEVER_HIDE = {"/", "/usr", "/etc", "/bin", "/sbin", "/lib", "/lib64", "/var", "/run", "/proc", "/sys", "/dev",
               "/home", "/tmp", "/var/tmp", "/dev/shm", "/opt", "/srv", "/root"}
 ACCOUNT_HOME_BASE = "/home"
+PID_DIR = ".pids"          # state_dir/process/.pids/NAME: "PID STARTTIME", root's, 0600
+PID_RECORD_SIZE = 64
 
 # Runs as root inside the machine's new namespaces (unshare), then becomes its sshd.
 # $1 machine dir (kept visible), $2 sshd, $3 sshd_config, $4.. directories to hide.
@@ -59,6 +71,15 @@ exec 3<"$mdir"
 for d in /tmp /var/tmp /dev/shm; do
   if [ -d "$d" ]; then mount -t tmpfs -o mode=1777,nosuid,nodev,size=256m fleetgate-private "$d"; fi
 done
+# A private /run: its own /run/lock (world-writable, so a meeting place if shared), and
+# none of the host's sockets there (D-Bus, container runtimes). sshd needs /run/sshd.
+if [ -d /run ]; then
+  mount -t tmpfs -o mode=0755,nosuid,nodev,size=16m fleetgate-run /run
+  mkdir -m 0755 /run/sshd
+  mkdir -m 1777 /run/lock
+fi
+# Its own IPC namespace (unshare --ipc): POSIX message queues seen through its own mqueue fs.
+if [ -d /dev/mqueue ]; then mount -t mqueue -o nosuid,nodev,noexec fleetgate-mqueue /dev/mqueue || true; fi
 for d in "$@"; do
   if [ -d "$d" ]; then mount -t tmpfs -o mode=0755,nosuid,nodev,noexec,size=1m fleetgate-hidden "$d"; fi
 done
@@ -184,12 +205,82 @@ def ensure_account(name: str) -> pwd.struct_passwd:
     return pw
 
 
+def _write_file(dst: Path, data: bytes, mode: int) -> None:
+    """dst holds exactly `data` with exactly `mode`, whatever the umask, or an OSError says why.
+
+    Unchanged content is not rewritten (a machine whose files are in place starts on a full
+    disk); otherwise a temporary file is written whole and renamed over dst, so a full disk
+    leaves the old file or none, never half a file."""
+    try:
+        st = os.lstat(dst)
+        if stat.S_ISREG(st.st_mode) and st.st_size == len(data) and dst.read_bytes() == data:
+            if stat.S_IMODE(st.st_mode) != mode or st.st_uid != os.geteuid():
+                os.chown(dst, os.geteuid(), os.getegid())
+                os.chmod(dst, mode)
+            return
+    except FileNotFoundError:
+        pass
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask masked os.open's mode; an old file kept its own
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, dst)
+
+
 def _copy_private(src: Path, dst: Path, mode: int) -> None:
-    data = src.read_bytes()
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
+    _write_file(dst, src.read_bytes(), mode)
+
+
+def _private_dir(path: Path, mode: int) -> None:
+    """mkdir with exactly `mode` (not the umask's), also for a directory that exists."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a directory")
+    if stat.S_IMODE(st.st_mode) != mode or st.st_uid != os.geteuid():
+        os.chown(path, os.geteuid(), os.getegid())
+        os.chmod(path, mode)
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, /proc/PID/stat field 22), None if gone
+    or a zombie: with the pid, it names one process, not whichever later reuses the number."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _cmdline(pid: int | str) -> list[bytes] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.split(b"\0")[:-1] if raw.endswith(b"\0") else raw.split(b"\0")
+
+
+_OWN_PIDNS: str | None = None
+
+
+def _own_pidns() -> str:
+    global _OWN_PIDNS
+    if _OWN_PIDNS is None:
+        _OWN_PIDNS = os.readlink("/proc/self/ns/pid")
+    return _OWN_PIDNS
 
 
 def descendants(pid: int) -> list[int]:
@@ -274,6 +365,16 @@ class ProcessBackend(Backend):
         if env is not None and (not isinstance(env, list) or not all(isinstance(e, str) for e in env)):
             yield "accept_env", "must be a list of environment variable patterns"
 
+    @classmethod
+    def check_machine(cls, machine: MachineConfig, backend_options: Mapping[str, Any]) -> Iterable[tuple[str, str]]:
+        # An isolated machine's account: root, the gateway's account or a privileged group's
+        # member is refused here, not first at a login. (No user at all is still refused at start.)
+        if backend_options.get("isolation", "namespaces") != "none" and machine.user is not None:
+            problem = check_account(machine.user, machine.name)
+            if problem is not None:
+                yield "user", (f"{problem} (an isolated process machine runs its users' sessions as this account; "
+                               f"e.g. user = \"fg-{machine.name}\", created if missing)")
+
     def __init__(self, config, resolve, state_dir: Path):
         super().__init__(config, resolve, state_dir)
         self.sshd = config.options.get("sshd") or find_sshd() or "/usr/sbin/sshd"
@@ -303,8 +404,8 @@ class ProcessBackend(Backend):
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """At start-up (and for a backend a reload adds): say which mode the machines run in."""
         if self.isolated:
-            log.info("process backend %s: machines isolated (own network, mount and pid namespaces, "
-                     "own account)", self.name)
+            log.info("process backend %s: machines isolated (own network, mount, IPC and pid namespaces, "
+                     "own /tmp and /run, own account)", self.name)
         else:
             log.warning("WARNING: process backend %s runs with isolation = \"none\": every machine runs as the "
                         "gateway's own account on the gateway's network; any user of any machine can read the "
@@ -327,10 +428,29 @@ class ProcessBackend(Backend):
     def _dir(self, machine: MachineConfig) -> Path:
         return self.state_dir / "process" / machine.name
 
+    def _pidfile(self, machine: MachineConfig) -> Path:
+        """Where the gateway records a machine's pid: outside the machine's directory (the one
+        directory of the gateway's a machine sees), so nothing inside a machine can touch it.
+        Machine names never start with ".", so no machine's directory is called ".pids"."""
+        return self.state_dir / "process" / PID_DIR / machine.name
+
+    def _make_dirs(self) -> None:
+        """state_dir/process and its .pids: 0700 (root's), whatever the umask or an older mode."""
+        private_makedirs(self.state_dir)
+        _private_dir(self.state_dir / "process", 0o700)
+        _private_dir(self.state_dir / "process" / PID_DIR, 0o700)
+
     def _write_config(self, machine: MachineConfig, account: str | None = None) -> Path:
-        """sshd_config for this machine; isolated (account given): with private copies of its files."""
+        """sshd_config for this machine; isolated (account given): with private copies of its files.
+
+        Every mode is set explicitly (the umask may be 000): the directory 0711 (the machine's
+        account must reach authorized_keys through it) or 0700, root's files 0600, and what
+        the account reads 0644."""
         d = self._dir(machine)
-        d.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
+        _private_dir(d, 0o711 if account is not None else 0o700)
+        # Where an older fleetgate kept the pid file, inside the machine's view: never trusted.
+        (d / "sshd.pid").unlink(missing_ok=True)
         o = machine.options
         host_key = self.resolve(o["host_key_file"])
         authorized_keys = self.resolve(o["authorized_keys_file"])
@@ -341,7 +461,6 @@ class ProcessBackend(Backend):
             # the state and config directories is hidden), so sshd gets its own copies here. sshd
             # reads authorized_keys as the account (public keys: world-readable); the host key
             # stays root's.
-            os.chmod(d, 0o755)
             _copy_private(host_key, d / "ssh_host_key", 0o600)
             host_key = d / "ssh_host_key"
             _copy_private(authorized_keys, d / "authorized_keys", 0o644)
@@ -353,10 +472,11 @@ class ProcessBackend(Backend):
                 _copy_private(host_cert, d / "ssh_host_key-cert.pub", 0o644)
                 host_cert = d / "ssh_host_key-cert.pub"
         accept_env = " ".join(o.get("accept_env", ["LANG", "LC_*", "FLEETGATE_*"]))
+        # The pid file is the gateway's to write, before anything starts (sshd's own would be
+        # written after the start, and in an isolated machine it is pid 1 of its pid namespace).
         if account is None:
-            who = f"PidFile {d / 'sshd.pid'}\nStrictModes no\nPermitRootLogin prohibit-password\n"
+            who = "PidFile none\nStrictModes no\nPermitRootLogin prohibit-password\n"
         else:
-            # The pid file is the gateway's to write (sshd is pid 1 in the machine's pid namespace).
             who = f"PidFile none\nStrictModes no\nPermitRootLogin no\nAllowUsers {account}\n"
         text = f"""# written by fleetgate's process backend for machine {machine.name}
 ListenAddress 127.0.0.1:{o['port']}
@@ -382,26 +502,132 @@ MaxSessions 100
         if host_cert is not None:
             text += f"HostCertificate {host_cert}\n"
         cfg = d / "sshd_config"
-        cfg.write_text(text)
+        _write_file(cfg, text.encode(), 0o600)
         return cfg
 
-    def _live_pid(self, machine: MachineConfig) -> int | None:
-        """The pid of this machine's sshd if one runs (ours or left by an earlier gateway)."""
-        pidfile = self._dir(machine) / "sshd.pid"
+    def _argv_head(self, machine: MachineConfig) -> list[bytes]:
+        """How this machine's top process was started: what a process must show to be it."""
+        cfg = str(self._dir(machine) / "sshd_config")
+        if self.isolated:
+            return [os.fsencode(self.unshare), f"fleetgate-machine-{machine.name}".encode(), os.fsencode(cfg)]
+        return [os.fsencode(self.sshd), os.fsencode(cfg)]
+
+    def _is_ours(self, pid: int, machine: MachineConfig, argv: list[bytes] | None = None) -> bool:
+        """Whether pid is this machine's sshd as the gateway started it: the gateway's own account,
+        in the gateway's pid namespace (every process inside an isolated machine is in the machine's
+        own, whatever its uid or argv), with the argv the gateway gave it."""
         try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+                return False
+            if os.readlink(f"/proc/{pid}/ns/pid") != _own_pidns():
+                return False
         except OSError:
+            return False
+        argv = _cmdline(pid) if argv is None else argv
+        if not argv:
+            return False
+        head = self._argv_head(machine)
+        return argv[0] == head[0] and all(part in argv for part in head[1:]) and proc_start_time(pid) is not None
+
+    def _read_pidfile(self, machine: MachineConfig) -> tuple[int, int] | None:
+        """(pid, start time) as the gateway recorded them, None if absent or not a record."""
+        try:
+            text = self._pidfile(machine).read_text()
+        except FileNotFoundError:
             return None
-        if str(self._dir(machine) / "sshd_config").encode() not in cmdline:
-            return None  # the pid was reused by another process
-        if stat.rpartition(")")[2].split()[0] == "Z":
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("process backend: cannot read pid file machine=%s path=%s error=%s", machine.name,
+                        self._pidfile(machine), exc)
             return None
+        parts = text.split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None   # reserved for a start that has not recorded its pid (yet)
+        return int(parts[0]), int(parts[1])
+
+    def _scan(self, machines: Sequence[MachineConfig]) -> dict[str, list[int]]:
+        """This backend's machines that run, found in /proc (not by any file): for a pid file lost
+        to a full disk or a crash, or left by an older fleetgate where the machine could write it.
+        One read of each process's command line; a candidate is matched to its machine by its
+        sshd_config path and then verified (_is_ours)."""
+        by_cfg = {os.fsencode(str(self._dir(m) / "sshd_config")): m for m in machines}
+        heads = {self._argv_head(m)[0] for m in machines}
+        found: dict[str, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            argv = _cmdline(entry.name)
+            if not argv or argv[0] not in heads:
+                continue
+            m = next((by_cfg[a] for a in argv if a in by_cfg), None)
+            if m is not None and self._is_ours(int(entry.name), m, argv):
+                found.setdefault(m.name, []).append(int(entry.name))
+        return found
+
+    def _live_pid(self, machine: MachineConfig) -> int | None:
+        """The pid of this machine's sshd if one runs (ours or left by an earlier gateway).
+
+        Trusted only once verified: the pid file's start time must match the process's, and the
+        process must be the one the gateway started (_is_ours). Without a good record, /proc is
+        searched, and the record rewritten."""
+        record = self._read_pidfile(machine)
+        if record is not None:
+            pid, started = record
+            if proc_start_time(pid) == started and self._is_ours(pid, machine):
+                return pid
+        pid = min(self._scan([machine]).get(machine.name, []), default=None)
+        if pid is not None:
+            log.warning("process backend: found machine=%s pid=%s by its process, not its pid file; "
+                        "recording it", machine.name, pid)
+            try:
+                self._make_dirs()
+                self._record_pid(machine, pid)
+            except OSError as exc:
+                self._state_write_failed(machine, "pid_file", self._pidfile(machine), exc)
+        elif record is not None:
+            self._pidfile(machine).unlink(missing_ok=True)   # stale: that process is gone
         return pid
+
+    def _record_pid(self, machine: MachineConfig, pid: int, fd: int | None = None) -> None:
+        """Write "PID STARTTIME" over the pid file's reserved bytes (in place: no new disk space)."""
+        started = proc_start_time(pid)
+        line = f"{pid} {started if started is not None else 0}".ljust(PID_RECORD_SIZE - 1).encode() + b"\n"
+        own = fd is None
+        if own:
+            fd = os.open(self._pidfile(machine), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            if os.pwrite(fd, line, 0) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            if own:
+                os.close(fd)
+
+    def _reserve_pidfile(self, machine: MachineConfig) -> int:
+        """Before anything starts: the pid file, 0600, with room for its record written now; the
+        open descriptor is where _record_pid writes once the pid is known. A full disk fails here,
+        where nothing runs yet, not after sshd started."""
+        fd = os.open(self._pidfile(machine), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            placeholder = b"starting".ljust(PID_RECORD_SIZE - 1) + b"\n"
+            if os.pwrite(fd, placeholder, 0) != len(placeholder):
+                raise OSError(errno.ENOSPC, "short write")
+            os.ftruncate(fd, PID_RECORD_SIZE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _state_write_failed(self, machine: MachineConfig, kind: str, path: Path, exc: OSError) -> BackendError:
+        """Counted (fleetgate_state_write_errors_total{kind}), logged with its context, and the
+        error the user sees: in words, the path and errno only for operators (error id)."""
+        self.on_state_write_error(kind)
+        log.error("process backend: state write failed machine=%s backend=%s kind=%s path=%s error=%s "
+                  "(counted in fleetgate_state_write_errors_total)", machine.name, self.name, kind, path, exc)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        why = "its disk is full" if full else "it cannot write there"
+        return BackendError(f"the gateway cannot write this machine's files ({why}); nothing was started",
+                            "start_error", detail=f"{kind} {path}: {exc}")
 
     async def start(self, machine: MachineConfig) -> None:
         if self._live_pid(machine) is not None:
@@ -413,7 +639,31 @@ MaxSessions 100
             if problem is not None:
                 raise BackendError(problem, "start_error")
             await trio.to_thread.run_sync(ensure_account, account)
-        cfg = self._write_config(machine, account)
+        # Every file before anything starts: on a full disk the start fails here, with nothing
+        # running that the gateway would not know of.
+        try:
+            cfg = self._write_config(machine, account)
+        except OSError as exc:
+            raise self._state_write_failed(machine, "machine_files", Path(exc.filename or self._dir(machine)),
+                                           exc) from None
+        try:
+            pidfd = self._reserve_pidfile(machine)
+        except OSError as exc:
+            try:
+                self._pidfile(machine).unlink(missing_ok=True)   # no empty record left behind
+            except OSError:
+                pass
+            raise self._state_write_failed(machine, "pid_file", self._pidfile(machine), exc) from None
+        try:
+            await self._spawn(machine, account, cfg, pidfd)
+        except BaseException:
+            if machine.name not in self._procs:
+                self._pidfile(machine).unlink(missing_ok=True)   # nothing runs: no reservation left behind
+            raise
+        finally:
+            os.close(pidfd)
+
+    async def _spawn(self, machine: MachineConfig, account: str | None, cfg: Path, pidfd: int) -> None:
         if os.geteuid() == 0:
             # sshd run by root insists on its privilege separation directory.
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
@@ -427,14 +677,15 @@ MaxSessions 100
         d = self._dir(machine)
         argv = [self.sshd, "-D", "-e", "-f", str(cfg)]
         if account is not None:
-            # New network (only lo), mount (private /tmp, gateway dirs hidden) and pid namespaces;
-            # --kill-child: if unshare dies, so does the machine. sshd then drops to `account`
-            # for every session as usual.
-            argv = [self.unshare, "--net", "--mount", "--pid", "--fork", "--mount-proc", "--kill-child", "--",
-                    "/bin/sh", "-c", NAMESPACE_SETUP, f"fleetgate-machine-{machine.name}", str(d), self.sshd,
+            # New network (only lo), mount (private /tmp, /run, gateway dirs hidden), IPC and pid
+            # namespaces; --kill-child: if unshare dies, so does the machine. sshd then drops to
+            # `account` for every session as usual.
+            argv = [self.unshare, "--net", "--mount", "--ipc", "--pid", "--fork", "--mount-proc", "--kill-child",
+                    "--", "/bin/sh", "-c", NAMESPACE_SETUP, f"fleetgate-machine-{machine.name}", str(d), self.sshd,
                     str(cfg), *self._hidden_dirs()]
-        fd = os.open(d / "sshd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(d / "sshd.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             proc = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=fd,
                 start_new_session=True,
@@ -443,9 +694,14 @@ MaxSessions 100
             raise BackendError(f"cannot run {argv[0]}: {exc.strerror}", "start_error") from exc
         finally:
             os.close(fd)
-        if account is not None:
-            (d / "sshd.pid").write_text(f"{proc.pid}\n")
-        self._procs[machine.name] = proc
+        self._procs[machine.name] = proc   # tracked from its first instant, whatever fails next
+        try:
+            self._record_pid(machine, proc.pid, pidfd)
+        except OSError as exc:
+            # Written over reserved bytes, so this should not happen; if it does, a machine the
+            # next gateway could only find in /proc is not left running.
+            await self.stop(machine)
+            raise self._state_write_failed(machine, "pid_file", self._pidfile(machine), exc) from None
         log.info("process backend started sshd machine=%s pid=%s port=%s isolation=%s%s", machine.name, proc.pid,
                  machine.options["port"], self.isolation, f" account={account}" if account else "")
 
@@ -453,9 +709,15 @@ MaxSessions 100
         if self.stop_delay:
             await trio.sleep(self.stop_delay)
         proc = self._procs.pop(machine.name, None)
-        pid = proc.pid if proc is not None else self._live_pid(machine)
-        if pid is None:
-            return
+        pids = {self._live_pid(machine), *self._scan([machine]).get(machine.name, [])}
+        if proc is not None:
+            pids.add(proc.pid)
+        pids.discard(None)
+        for pid in sorted(pids):   # each one verified as this machine's (_is_ours), or our own child
+            await self._stop_pid(pid, proc if proc is not None and proc.pid == pid else None)
+        self._pidfile(machine).unlink(missing_ok=True)
+
+    async def _stop_pid(self, pid: int, proc: trio.Process | None) -> None:
         # Like a power-off: sshd's per-connection processes run in sessions of their own
         # (setsid), so the listener's process group does not reach them.
         for child in descendants(pid):
@@ -476,7 +738,6 @@ MaxSessions 100
                 pass
             with trio.fail_after(5):
                 await self._wait_gone(pid, proc)
-        (self._dir(machine) / "sshd.pid").unlink(missing_ok=True)
 
     @staticmethod
     async def _wait_gone(pid: int, proc: trio.Process | None) -> None:
@@ -484,12 +745,8 @@ MaxSessions 100
             await proc.wait()
             return
         while True:  # adopted (started by an earlier gateway or another replica): not our child, so poll
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                return
-            if stat.rpartition(")")[2].split()[0] == "Z":
-                return  # exited; its parent (another process) has not reaped it yet
+            if proc_start_time(pid) is None:
+                return  # gone, or exited and its parent (another process) has not reaped it yet
             await trio.sleep(0.05)
 
     async def status(self, machine: MachineConfig) -> PowerState:
@@ -498,7 +755,6 @@ MaxSessions 100
             if proc.poll() is None:
                 return PowerState.RUNNING
             self._procs.pop(machine.name, None)
-            return PowerState.STOPPED
         return PowerState.RUNNING if self._live_pid(machine) is not None else PowerState.STOPPED
 
     def can_status_all(self) -> bool:
@@ -506,15 +762,21 @@ MaxSessions 100
 
     async def status_all(self, machines: Sequence[MachineConfig]) -> Mapping[str, PowerState]:
         """Every machine in one pass (issue 15): its own children by poll(), the others by their
-        pid file, and a machine without one (nearly all of a large idle fleet) with one stat()."""
-        base = os.path.join(self.state_dir, "process")
+        verified pid file, and the rest (nearly all of a large idle fleet) by one walk of /proc,
+        so that a machine whose pid file was lost (full disk, crash) is still seen running."""
         out = {}
+        rest = []
         for machine in machines:
-            if machine.name not in self._procs and not os.path.exists(
-                    os.path.join(base, machine.name, "sshd.pid")):
-                out[machine.name] = PowerState.STOPPED
-            else:
+            proc = self._procs.get(machine.name)
+            if proc is not None and proc.poll() is None:
+                out[machine.name] = PowerState.RUNNING
+            elif self._pidfile(machine).exists() or proc is not None:
                 out[machine.name] = await self.status(machine)
+            else:
+                rest.append(machine)
+        found = self._scan(rest) if rest else {}
+        for machine in rest:
+            out[machine.name] = PowerState.STOPPED if machine.name not in found else await self.status(machine)
         return out
 
     async def address(self, machine: MachineConfig) -> Address:
