@@ -79,3 +79,9 @@ def check(max_unauthenticated: int, http_connections: int, fds: int | None = Non
                    f"({fds}): unauthenticated connections can crowd out sessions (each session needs 2 "
                    f"descriptors); the default here is {default_max_unauthenticated(fds)}")
     return out
+
+
+def current() -> int:
+    """The open-file limit in force now (the soft limit; serve raised it to the hard one)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return CEILING if soft == resource.RLIM_INFINITY else min(soft, CEILING)

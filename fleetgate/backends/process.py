@@ -388,14 +388,17 @@ MaxSessions 100
     def _live_pid(self, machine: MachineConfig) -> int | None:
         """The pid of this machine's sshd if one runs (ours or left by an earlier gateway)."""
         pidfile = self._dir(machine) / "sshd.pid"
+        # Only "no such file / process" means no sshd: any other read error (EMFILE when the
+        # gateway is out of descriptors, EACCES, EIO) raises, so status() fails and the machine
+        # keeps its state; it must never read as "stopped outside fleetgate" (issue 25).
         try:
             pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
+        except (FileNotFoundError, ValueError):
             return None
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+        except (FileNotFoundError, ProcessLookupError):
             return None
         if str(self._dir(machine) / "sshd_config").encode() not in cmdline:
             return None  # the pid was reused by another process
