@@ -60,10 +60,20 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ACCEPT_HEADROOM = 32
 FDS_PER_CONNECTION = 2
 FDS_PER_JUMP = 1
-# A connection's share: never more than a quarter of a budget, so at least three users fit.
+# A user's share: a quarter of the buffer and channel budgets, an eighth of the descriptors
+# (the scarcest: a 1024-descriptor gateway leaves ~600 for sessions), so no user can take
+# what the others need.
 USER_SHARE = 4
+USER_SHARE_FDS = 8
 # The smallest window a channel is opened with when the budget is tight (below, it is refused).
-WINDOW_FLOOR = 64 * KiB
+WINDOW_FLOOR = 32 * KiB
+# A new channel's window is at most this fraction of the buffer budget left (1/16): the first
+# channels get the full gateway.window, later ones less, so a user's budget holds ~100 channels
+# rather than 16 full ones.
+WINDOW_SHARE = 16
+# A jump's machine side is a socket: what one read of it brings (asyncio reads 256 KiB at most)
+# before the channel's write buffer pauses it.
+JUMP_READ = 256 * KiB
 BUFFER_MIN, BUFFER_MAX = 64 * MiB, 1 * GiB
 MEMORY_SHARE = 16   # buffer_total: a sixteenth of the memory the gateway may use
 CHANNELS_TOTAL_MAX = 16384
@@ -131,7 +141,7 @@ def resolve(*, fd_limit: int, memory: int, max_unauthenticated: int, http_connec
     """The budgets from the config (0: derived) and the machine: docs/security.md's table.
 
     fds_total = the open-file limit − the reserve − max_unauthenticated − the HTTP cap, so
-    that the four add up; each user gets a quarter (and no more than its connections and
+    that the four add up; each user gets an eighth (and no more than its connections and
     channels could ever hold). buffer_total = a sixteenth of memory, 64 MiB..1 GiB; each user
     a quarter. channels_total = what buffer_total holds at the smallest window, at most 16 384;
     each user a quarter, at most max_connections_per_user × max_channels."""
@@ -140,7 +150,7 @@ def resolve(*, fd_limit: int, memory: int, max_unauthenticated: int, http_connec
     reserve = RESERVE + ACCEPT_HEADROOM
     ft = fds_total or max(16, fd_limit - reserve - max_unauthenticated - http_connections)
     implied_fds = max_connections_per_user * (FDS_PER_CONNECTION + max_channels * FDS_PER_JUMP)
-    fu = fds_per_user or max(FDS_PER_CONNECTION, min(ft // USER_SHARE, implied_fds))
+    fu = fds_per_user or max(FDS_PER_CONNECTION, min(ft // USER_SHARE_FDS, implied_fds))
     bt = buffer_total or max(BUFFER_MIN, min(BUFFER_MAX, memory // MEMORY_SHARE))
     bu = buffer_per_user or max(2 * WINDOW_FLOOR, bt // USER_SHARE)
     ct = channels_total or max(64, min(CHANNELS_TOTAL_MAX, bt // (2 * WINDOW_FLOOR)))
@@ -254,21 +264,27 @@ class Budgets:
         return self._book(user, fds, buffer, channels, 0)
 
     def take_channel(self, user: str, *, want_window: int, fds: int = 0, floor: int | None = None,
-                     what: str = "channel", context: str = "") -> Hold:
-        """A channel: 1 channel, `fds`, and twice the largest window up to `want_window` that both
-        buffer budgets still hold (at least `floor`, default WINDOW_FLOOR, or refused).
-        hold.window is the window to open the channel with."""
+                     both_ways: bool = True, extra: int = 0, what: str = "channel", context: str = "") -> Hold:
+        """A channel: 1 channel, `fds`, and its window in buffer bytes: twice the window when the
+        gateway grants it both ways (an SSH channel on each side), once plus `extra` when the
+        other side is a socket (a jump: what one read of it can bring). hold.window is the window
+        to open the channel with: `want_window` while what is left is plenty, then a sixteenth
+        of what is left (so many channels still fit), never less than `floor` (default
+        WINDOW_FLOOR); refused when not even that fits."""
         over = self._over(user, {"fds": fds, "channels": 1})
         if over is not None:
             raise self._refuse(user, *over, what=what, context=context)
         mine = self.users.get(user, {}).get("buffer", 0)
-        room = min(self.limits.buffer_per_user - mine, self.limits.buffer_total - self.used["buffer"]) // 2
-        window = min(want_window, room) // 4096 * 4096
-        if window < min(WINDOW_FLOOR if floor is None else floor, want_window):
-            scope = "user" if self.limits.buffer_per_user - mine <= self.limits.buffer_total - self.used["buffer"] \
-                else "gateway"
-            raise self._refuse(user, "buffer", scope, what=what, context=context)
-        return self._book(user, fds, 2 * window, 1, window)
+        user_left = self.limits.buffer_per_user - mine
+        gateway_left = self.limits.buffer_total - self.used["buffer"]
+        ways = 2 if both_ways else 1
+        windows_left = (min(user_left, gateway_left) - extra) // ways
+        least = min(WINDOW_FLOOR if floor is None else floor, want_window)
+        window = max(least, min(want_window, windows_left // WINDOW_SHARE) // 4096 * 4096)
+        if window > windows_left:
+            raise self._refuse(user, "buffer", "user" if user_left <= gateway_left else "gateway", what=what,
+                               context=context)
+        return self._book(user, fds, ways * window + extra, 1, window)
 
     def _book(self, user: str, fds: int, buffer: int, channels: int, window: int) -> Hold:
         mine = self.users.setdefault(user, {k: 0 for k in KINDS})

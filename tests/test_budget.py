@@ -80,30 +80,34 @@ def test_refusals_name_the_limit_and_count_by_kind_and_scope():
     assert seen == [("fds", "user"), ("fds", "gateway")]
 
 
-def test_a_channel_gets_a_smaller_window_then_a_refusal_when_the_buffer_budget_is_low():
-    b = Budgets(limits(buffer_per_user=20 * MiB, buffer_total=64 * MiB))
-    first = b.take_channel("alice", want_window=8 * MiB)
-    assert (first.window, first.buffer) == (8 * MiB, 16 * MiB)  # both directions are charged
-    second = b.take_channel("alice", want_window=8 * MiB)
-    assert second.window == 2 * MiB  # what alice's share has left, halved
+def test_windows_shrink_as_the_buffer_budget_fills_then_channels_are_refused():
+    b = Budgets(limits(buffer_per_user=256 * MiB, buffer_total=530 * MiB, channels_per_user=1000,
+                       channels_total=2000))
+    windows = []
     with pytest.raises(BudgetExceeded) as exc:
-        b.take_channel("alice", want_window=8 * MiB)
+        while True:
+            hold = b.take_channel("alice", want_window=8 * MiB)
+            assert hold.buffer == 2 * hold.window  # both directions are charged
+            windows.append(hold.window)
     assert exc.value.kind == "buffer" and "limits.buffer_per_user" in exc.value.message
-    assert b.take_channel("bob", want_window=8 * MiB).window == 8 * MiB  # others are not affected
-    b.take_channel("carol", want_window=8 * MiB)  # the gateway now holds 52 of 64 MiB
+    assert windows[0] == 8 * MiB  # the first channels get the full window
+    assert windows == sorted(windows, reverse=True) and windows[-1] == budget.WINDOW_FLOOR
+    assert 80 < len(windows) < 200, len(windows)  # many channels fit, not 16 full ones
+    assert b.user_used("alice", "buffer") <= 256 * MiB
+    jump = b.take_channel("bob", want_window=8 * MiB, both_ways=False, extra=budget.JUMP_READ)
+    assert (jump.window, jump.buffer) == (8 * MiB, 8 * MiB + budget.JUMP_READ)  # others are not affected
+    b.take("carol", buffer=256 * MiB)  # the gateway now holds ~520 of 530 MiB
     with pytest.raises(BudgetExceeded) as exc:
         b.take_channel("dave", want_window=8 * MiB, floor=8 * MiB)  # -R: the full window or nothing
     assert exc.value.scope == "gateway" and "limits.buffer_total" in exc.value.message
-    assert b.take_channel("dave", want_window=8 * MiB).window == 6 * MiB
-    second.close()
-    assert b.take_channel("alice", want_window=8 * MiB).window == 2 * MiB
+    assert b.take_channel("dave", want_window=8 * MiB).window < 8 * MiB
 
 
 def test_defaults_add_up_to_the_fd_limit_and_follow_memory():
     r = budget.resolve(fd_limit=1024, memory=24 * GiB, max_unauthenticated=240, http_connections=60,
                        max_connections_per_user=64, max_channels=64)
     assert r.fd_reserve + 240 + 60 + r.fds_total == 1024
-    assert r.fds_per_user == r.fds_total // 4
+    assert r.fds_per_user == r.fds_total // 8
     assert r.buffer_total == 1 * GiB and r.buffer_per_user == 256 * MiB
     small = budget.resolve(fd_limit=1024, memory=2 * GiB, max_unauthenticated=240, http_connections=60,
                            max_connections_per_user=64, max_channels=64)

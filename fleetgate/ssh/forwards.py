@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import asyncssh
 
 from .. import transport
-from ..budget import FDS_PER_JUMP
+from ..budget import FDS_PER_JUMP, JUMP_READ
 from ..errors import WakeError
 from . import bridge, internals
 from .pipe import Pipe
@@ -55,7 +55,8 @@ class Owner(Protocol):
     def hold(self) -> None: ...
     def settle_login(self, result: str, upstream_seconds: float | None = None) -> None: ...
     async def upstream_connection(self) -> Any: ...
-    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False) -> Any: ...
+    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False, both_ways: bool = True,
+                      extra: int = 0) -> Any: ...
     def audit(self, event: str, **fields: Any) -> None: ...
     def count_bytes(self, mode: str, counted: Any) -> None: ...
 
@@ -86,8 +87,10 @@ def direct_tcpip(owner: Owner, dest_host: str, dest_port: int, orig_host: str, o
     ctx = owner.ctx
     user = owner.target.user
     jump = dest_host in ctx.config.machines
-    # A jump's socket to the machine is one more descriptor (budget.FDS_PER_JUMP).
-    budget = owner.admit_channel("jump" if jump else "forward", fds=FDS_PER_JUMP if jump else 0)
+    # A jump's socket to the machine is one more descriptor (budget.FDS_PER_JUMP), and its
+    # window is granted one way only (the machine's side is that socket).
+    budget = owner.admit_channel("jump", fds=FDS_PER_JUMP, both_ways=False, extra=JUMP_READ) if jump \
+        else owner.admit_channel("forward")
     if jump:
         if dest_port != 22 or not ctx.router.may_reach(user, dest_host):
             budget.close()

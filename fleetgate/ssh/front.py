@@ -506,7 +506,8 @@ class FrontConnection(asyncssh.SSHServer):
         if self.lease is None and not self.closed:
             self.lease = bridge.call_trio_sync(self.ctx.fleet.try_acquire, self.machine)
 
-    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False) -> Hold:
+    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False, both_ways: bool = True,
+                      extra: int = 0) -> Hold:
         """sshd's MaxSessions for sessions, a cap on every channel of a connection, then the
         user's and the gateway's budgets (fleetgate/budget.py): the Hold returned carries the
         channel's window (hold.window) and must be closed when the channel ends (the
@@ -521,7 +522,7 @@ class FrontConnection(asyncssh.SSHServer):
             try:
                 hold = self.ctx.budgets.take_channel(user, want_window=self.window, fds=fds, what=kind,
                                                      floor=self.window if full_window else None,
-                                                     context=f"peer={self.peer}")
+                                                     both_ways=both_ways, extra=extra, context=f"peer={self.peer}")
             except BudgetExceeded as exc:
                 self.ctx.metrics.channels.labels(kind, "budget").inc()
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, exc.message) from None
