@@ -250,6 +250,21 @@ async def jump_flood(port: int, key: str, connections: int, per_connection: int)
     return conns, opened, reasons
 
 
+async def press(conns: list, reasons: list[str]) -> None:
+    """Keep asking for one more jump (50 a second): a descriptor that comes free is taken at once."""
+    i = 0
+    while conns:
+        conn = conns[i % len(conns)]
+        i += 1
+        try:
+            await trio_asyncio.aio_as_trio(conn.open_connection)("mallory", 22)
+        except asyncssh.ChannelOpenError as exc:
+            reasons.append(exc.reason)
+        except (asyncssh.Error, OSError) as exc:
+            reasons.append(f"error: {exc}")
+        await trio.sleep(0.02)  # pacing of the attack, not synchronisation
+
+
 async def test_one_user_cannot_exhaust_the_descriptors(tmp_path, nursery, many_fds):
     holder = Holder()
     await nursery.start(holder.serve)
@@ -265,10 +280,12 @@ async def test_one_user_cannot_exhaust_the_descriptors(tmp_path, nursery, many_f
             with trio.fail_after(180):
                 conns, opened, reasons = await trio_asyncio.aio_as_trio(jump_flood)(
                     gw.port, str(fleet.client_key), 17, 60)
+                inner.start_soon(press, conns, reasons)  # then mallory grabs whatever comes free
                 fds_during = gw.open_fds()
                 healthz = await gw.get("/healthz")
                 await innocent.wait_logins(len(innocent.logins) + 5)  # alice keeps logging in meanwhile
                 innocent.stop.set()
+                inner.cancel_scope.cancel()
             for c in conns:
                 c.abort()
         median = innocent.check()
@@ -286,7 +303,9 @@ async def test_one_user_cannot_exhaust_the_descriptors(tmp_path, nursery, many_f
         assert opened + 2 * len(conns) <= await gw.metric("fleetgate_budget_limit", budget="fds", scope="user")
         refused = [await gw.metric("fleetgate_budget_refusals_total", budget=kind, scope=scope)
                    for kind in ("fds", "buffer") for scope in ("user", "gateway")]
-        assert refused[0] > 0 and refused[1] == refused[3] == 0 and refused[0] + refused[2] == len(reasons)
+        assert refused[0] > 0 and refused[1] == refused[3] == 0
+        # (the last refusal may be counted by the gateway after mallory's task was cancelled)
+        assert len(reasons) <= refused[0] + refused[2] <= len(reasons) + 1
         assert fds_during < 1024 - 96  # the reserve was never touched
         assert await gw.metric("fleetgate_loop_errors_total", kind="accept_descriptors") == 0
         with trio.fail_after(30):  # all of it is given back
