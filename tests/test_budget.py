@@ -136,3 +136,43 @@ def test_config_keys_parse_sizes_and_explain_errors(tmp_path):
 
 def test_malloc_trim_is_callable():
     assert budget.malloc_trim() in (True, False)
+
+
+def _size(text: str) -> int:
+    number, _, unit = text.strip().partition(" ")
+    return int(number) * {"": 1, "MiB": MiB, "GiB": GiB}[unit]
+
+
+def test_security_md_budget_table_matches_the_code():
+    """docs/security.md's "Budgets that add up" table: every key is a [limits] key, and the
+    values it gives for `ulimit -n 1024` on a 24 GiB host are what the code derives."""
+    from pathlib import Path
+
+    from fleetgate import fdlimit
+    from fleetgate.config import BUDGET_KEYS
+    from fleetgate.ssh.limits import LimitsConfig
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "security.md").read_text()
+    section = text.split("### Budgets that add up", 1)[1]
+    rows = []
+    for line in section.split("\n\n| budget |", 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break  # the end of the table
+        rows.append(line)
+    d = LimitsConfig()
+    r = budget.resolve(fd_limit=1024, memory=24 * GiB, max_unauthenticated=fdlimit.default_max_unauthenticated(1024),
+                       http_connections=fdlimit.default_http_connections(1024),
+                       max_connections_per_user=d.max_connections_per_user, max_channels=d.max_channels)
+    documented = {}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        documented[cells[1].strip("`").removeprefix("limits.")] = cells[3]
+    assert documented.pop("—") == str(r.fd_reserve)
+    assert set(documented) == set(BUDGET_KEYS)
+    for key, value in documented.items():
+        got = getattr(r, key)
+        assert (_size(value) if key.startswith("buffer_") else int(value)) == got, (key, value, got)
+    # The file-descriptor table's reserve and the shares add up to the limit, as documented.
+    assert f"| 628 |" in section and r.fds_total == 628
+    assert r.fd_reserve + fdlimit.default_max_unauthenticated(1024) + fdlimit.default_http_connections(1024) \
+        + r.fds_total == 1024

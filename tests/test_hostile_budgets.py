@@ -43,6 +43,7 @@ MiB = 1 << 20
 RSS_BOUND_MIB = 512          # docs/security.md: the gateway's RSS under this attack with default budgets
 RSS_RETURN_MIB = 64          # after the attacker leaves, RSS within this of where it started
 LOGIN_MEDIAN_S = 1.0
+LOGIN_TIMEOUT_S = 20
 HUGE_WINDOW = 2 * 1024 ** 3 - 1
 
 
@@ -161,9 +162,11 @@ class Gateway:
     async def get(self, path: str) -> tuple[int, str]:
         import httpx
 
-        async with httpx.AsyncClient() as client:
-            with trio.fail_after(10):
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
                 r = await client.get(f"http://127.0.0.1:{self.metrics_port}{path}")
+        except httpx.HTTPError as exc:
+            return 0, repr(exc)
         return r.status_code, r.text
 
     async def metric(self, name: str, **labels: str) -> float:
@@ -173,8 +176,11 @@ class Gateway:
 
     async def login(self, user: str = "alice") -> tuple[float, int, str]:
         t0 = time.monotonic()
-        r = await run(["ssh", "-b", INNOCENT_SOURCE, *self.fleet.ssh_opts(self.port), f"{user}@127.0.0.1", "true"],
-                      timeout=60)
+        try:
+            r = await run(["ssh", "-b", INNOCENT_SOURCE, *self.fleet.ssh_opts(self.port), f"{user}@127.0.0.1",
+                           "true"], timeout=LOGIN_TIMEOUT_S)
+        except trio.TooSlowError:
+            return time.monotonic() - t0, -1, f"no answer within {LOGIN_TIMEOUT_S} s"
         return time.monotonic() - t0, r.returncode, r.err
 
     def log(self) -> str:
@@ -276,18 +282,20 @@ async def test_one_user_cannot_exhaust_the_descriptors(tmp_path, nursery, many_f
     conns: list = []
     try:
         async with trio_asyncio.open_loop(), trio.open_nursery() as inner:
-            inner.start_soon(innocent.run)
-            with trio.fail_after(180):
-                conns, opened, reasons = await trio_asyncio.aio_as_trio(jump_flood)(
-                    gw.port, str(fleet.client_key), 17, 60)
-                inner.start_soon(press, conns, reasons)  # then mallory grabs whatever comes free
-                fds_during = gw.open_fds()
-                healthz = await gw.get("/healthz")
-                await innocent.wait_logins(len(innocent.logins) + 5)  # alice keeps logging in meanwhile
-                innocent.stop.set()
-                inner.cancel_scope.cancel()
-            for c in conns:
-                c.abort()
+            try:
+                inner.start_soon(innocent.run)
+                with trio.fail_after(180):
+                    conns, opened, reasons = await trio_asyncio.aio_as_trio(jump_flood)(
+                        gw.port, str(fleet.client_key), 17, 60)
+                    inner.start_soon(press, conns, reasons)  # then mallory grabs whatever comes free
+                    fds_during = gw.open_fds()
+                    healthz = await gw.get("/healthz")
+                    await innocent.wait_logins(len(innocent.logins) + 5)  # alice keeps logging in meanwhile
+                    innocent.stop.set()
+                    inner.cancel_scope.cancel()
+            finally:
+                for c in conns:
+                    c.abort()
         median = innocent.check()
         print(f"\nrefusals: {sorted(set(reasons))}")
         print(f"\nmallory: {len(conns)} connections, {opened} jump channels opened, {len(reasons)} refused; "
@@ -315,8 +323,6 @@ async def test_one_user_cannot_exhaust_the_descriptors(tmp_path, nursery, many_f
         assert gw.gw.proc.returncode is None
         assert not [ln for ln in gw.gw.lines if "Traceback" in ln], gw.log()[-3000:]
     finally:
-        for c in conns:
-            c.abort()
         await gw.gw.kill()
 
 
@@ -361,22 +367,24 @@ async def test_one_user_cannot_grow_the_gateway(tmp_path, nursery, many_fds):
     peak = start
     try:
         async with trio_asyncio.open_loop(), trio.open_nursery() as inner:
-            inner.start_soon(innocent.run)
-            with trio.fail_after(180):
-                conns, opened, reasons = await trio_asyncio.aio_as_trio(forward_flood)(
-                    gw.port, str(fleet.client_key), firehose.port, 8, 64)
-                logins_before = len(innocent.logins)
-                deadline = trio.current_time() + 8
-                while trio.current_time() < deadline:  # watching RSS over time is the point here
-                    peak = max(peak, gw.rss_mib())
-                    if peak > RSS_BOUND_MIB:
-                        break  # stop the attack at once: an unbounded gateway would eat the test host
-                    await trio.sleep(0.2)
-                await innocent.wait_logins(logins_before + 3)
-                buffered = await gw.metric("fleetgate_budget_user_max", budget="buffer")  # bob's
-                innocent.stop.set()
-            for c in conns:
-                c.abort()
+            try:
+                inner.start_soon(innocent.run)
+                with trio.fail_after(180):
+                    conns, opened, reasons = await trio_asyncio.aio_as_trio(forward_flood)(
+                        gw.port, str(fleet.client_key), firehose.port, 8, 64)
+                    logins_before = len(innocent.logins)
+                    deadline = trio.current_time() + 8
+                    while trio.current_time() < deadline:  # watching RSS over time is the point here
+                        peak = max(peak, gw.rss_mib())
+                        if peak > RSS_BOUND_MIB:
+                            break  # stop the attack at once: an unbounded gateway would eat the test host
+                        await trio.sleep(0.2)
+                    await innocent.wait_logins(logins_before + 3)
+                    buffered = await gw.metric("fleetgate_budget_user_max", budget="buffer")  # bob's
+                    innocent.stop.set()
+            finally:
+                for c in conns:
+                    c.abort()
         assert peak <= RSS_BOUND_MIB, f"gateway RSS {peak:.0f} MiB (start {start:.0f})"
         median = innocent.check()
         with trio.fail_after(30):
@@ -398,6 +406,4 @@ async def test_one_user_cannot_grow_the_gateway(tmp_path, nursery, many_fds):
         assert after - start <= RSS_RETURN_MIB, f"RSS {after:.0f} MiB after, {start:.0f} at start"
         assert gw.gw.proc.returncode is None
     finally:
-        for c in conns:
-            c.abort()
         await gw.gw.kill()
