@@ -187,8 +187,8 @@ class Gateway:
         return "\n".join(self.gw.lines)
 
 
-async def start_gateway(fleet, nursery) -> Gateway:
-    gw = await ServeProcess(fleet.config_path, argv_prefix=["prlimit", "--nofile=1024:1024"]).start(nursery)
+async def start_gateway(fleet, nursery, nofile: int = 1024) -> Gateway:
+    gw = await ServeProcess(fleet.config_path, argv_prefix=["prlimit", f"--nofile={nofile}:{nofile}"]).start(nursery)
     line = await gw.wait_for("http listening address=")
     return Gateway(fleet, gw, int(line.split("address=127.0.0.1:", 1)[1].split()[0]))
 
@@ -405,5 +405,45 @@ async def test_one_user_cannot_grow_the_gateway(tmp_path, nursery, many_fds):
         assert buffered <= await gw.metric("fleetgate_budget_limit", budget="buffer", scope="user")
         assert after - start <= RSS_RETURN_MIB, f"RSS {after:.0f} MiB after, {start:.0f} at start"
         assert gw.gw.proc.returncode is None
+    finally:
+        await gw.gw.kill()
+
+
+# -- item 10: the budgets follow a changed open-file limit ---------------------------------
+# (raising is the same path: raise_soft_limit() and the derived budgets are recomputed on SIGHUP)
+
+async def test_sighup_rereads_the_open_file_limit(tmp_path, nursery):
+    import signal
+
+    from fleetgate import budget, fdlimit
+
+    holder = Holder()
+    await nursery.start(holder.serve)
+    fleet = write_config(tmp_path, holder.port)
+    gw = await start_gateway(fleet, nursery, nofile=2048)
+    try:
+        def expected(limit: int) -> int:
+            return budget.resolve(fd_limit=limit, memory=budget.memory_bytes(),
+                                  max_unauthenticated=fdlimit.default_max_unauthenticated(limit),
+                                  http_connections=fdlimit.default_http_connections(limit),
+                                  max_connections_per_user=64, max_channels=64).fds_total
+
+        assert await gw.metric("fleetgate_fd_limit") == 2048
+        assert await gw.metric("fleetgate_budget_limit", budget="fds", scope="gateway") == expected(2048)
+        # The operator lowers it under the running gateway (raising another process's hard limit
+        # needs CAP_SYS_RESOURCE, which the test may not have), then reloads.
+        r = await run(["prlimit", "--pid", str(gw.gw.proc.pid), "--nofile=1024:1024"])
+        assert r.returncode == 0, r.err
+        gw.gw.proc.send_signal(signal.SIGHUP)
+        await gw.gw.wait_for("config reloaded")
+        assert "open-file limit changed limit=1024 (was 2048" in gw.log()
+        with trio.fail_after(10):  # /metrics may answer from a copy up to 1 s old
+            while await gw.metric("fleetgate_fd_limit") != 1024:
+                await trio.sleep(0.2)
+        assert await gw.metric("fleetgate_budget_limit", budget="fds", scope="gateway") == expected(1024) == 628
+        assert await gw.metric("fleetgate_unauthenticated_connections_limit") == \
+            fdlimit.default_max_unauthenticated(1024)
+        t, rc, err = await gw.login()
+        assert rc == 0, err
     finally:
         await gw.gw.kill()
