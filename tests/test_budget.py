@@ -176,3 +176,11 @@ def test_security_md_budget_table_matches_the_code():
     assert f"| 628 |" in section and r.fds_total == 628
     assert r.fd_reserve + fdlimit.default_max_unauthenticated(1024) + fdlimit.default_http_connections(1024) \
         + r.fds_total == 1024
+
+
+def test_check_warns_when_an_explicit_fds_total_does_not_fit():
+    from fleetgate import fdlimit
+
+    assert fdlimit.check(240, 60, 1024, fds_total=628) == []
+    warning, = fdlimit.check(240, 60, 1024, fds_total=700)
+    assert "limits.fds_total (700)" in warning and "= 1096 descriptors" in warning and "derived: 628" in warning
