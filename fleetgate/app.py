@@ -33,6 +33,8 @@ from .ssh.server import Gateway
 
 log = logging.getLogger(__name__)
 
+TRIM_CHECK_INTERVAL = 1.0  # seconds between checks whether freed buffer memory should go back
+
 
 def build_backends(config: Config, previous: dict[str, Backend] | None = None) -> dict[str, Backend]:
     """One instance per [backends.NAME]; on a reload, an unchanged backend keeps its instance
@@ -105,6 +107,7 @@ class App:
         config stays whole. Only then are the parts swapped, with nothing left that can fail."""
         running = self._running
         assert running is not None
+        self._read_fd_limit()  # the budgets follow a changed open-file limit (prlimit --pid, issue 25)
         try:
             new = load(self.config.path)
         except ConfigError as exc:
@@ -142,6 +145,25 @@ class App:
         self.metrics.config_last_reload_success.set_to_current_time()
         log.info("config reloaded users=%d machines=%d", len(new.users), len(new.machines))
         return True
+
+    def _read_fd_limit(self) -> None:
+        """Raise the soft limit to the hard one again and export it; the budgets are derived
+        from it when the config is (re)applied (FrontContext.budget_limits)."""
+        before, after = fdlimit.raise_soft_limit()
+        if after != self._fd_limit:
+            log.info("open-file limit changed limit=%d (was %d, soft limit was %d)", after, self._fd_limit, before)
+        self._fd_limit = after
+        self.metrics.fd_limit.set(after)
+
+    async def _trim_loop(self, gateway: Gateway) -> None:
+        """Give freed buffer memory back to the system once enough budget was released
+        (budget.Budgets.trim_due: glibc keeps freed heap pages otherwise)."""
+        while True:
+            await trio.sleep(TRIM_CHECK_INTERVAL)
+            if gateway.budgets.trim_due():
+                t0 = trio.current_time()
+                gateway.budgets.release_memory()
+                log.debug("released freed memory seconds=%.3f", trio.current_time() - t0)
 
     def _reload_failed(self) -> bool:
         self.metrics.config_reloads.labels("failure").inc()
@@ -200,6 +222,7 @@ class App:
         return 404, "text/plain", b"not found\n"
 
     _running: Running | None = None
+    _fd_limit = 0
 
     def _http_refused(self, reason: str) -> None:
         self.metrics.http_refusals.labels(reason).inc()
@@ -224,6 +247,7 @@ class App:
             internals.apply_relay_tuning()
         logsetup.quiet_libraries()  # httpx's per-request INFO lines (URLs with their secrets) off
         before, after = fdlimit.raise_soft_limit()  # descriptors are the budget every connection draws on
+        self._fd_limit = after
         self.metrics.fd_limit.set(after)
         log.info("open-file limit=%d (soft limit was %d) max_unauthenticated=%d", after, before,
                  self.config.limits.max_unauthenticated if self.config.limits else 0)
@@ -250,6 +274,7 @@ class App:
                 try:
                     await bridge.run_aio(gateway.start)
                     nursery.start_soon(self._reconcile_loop, fleet)
+                    nursery.start_soon(self._trim_loop, gateway)
                     await nursery.start(Reaper(fleet).run)
                     if self.config.gateway.admin_socket is not None:
                         await nursery.start(partial(http.serve_unix, on_refusal=self._http_refused),

@@ -48,7 +48,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import fdlimit
 
     if config.limits is not None:  # descriptors: a flood must reach a limit before accept() fails
-        for warning in fdlimit.check(config.limits.max_unauthenticated, fdlimit.default_http_connections()):
+        for warning in fdlimit.check(config.limits.max_unauthenticated, fdlimit.default_http_connections(),
+                                     fds_total=config.limits.fds_total):
             print(f"warning: {warning}", file=sys.stderr)
     _warn_isolation(config)
     if getattr(args, "connect", False):

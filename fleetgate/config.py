@@ -405,7 +405,7 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                        "penalty_window", "penalty_duration", "exempt", "password_per_source_per_minute",
                        "password_per_user_per_minute", "expensive_kex_per_second",
                        "expensive_kex_per_source_per_minute", "max_sessions", "max_channels",
-                       "max_connections_per_user"}, "limits.")
+                       "max_connections_per_user", *BUDGET_KEYS}, "limits.")
     start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
     startups = r.get(t, "per_source_startups", "limits.", str)
     if startups is not None:
@@ -446,7 +446,41 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
         max_channels=r.get(t, "max_channels", "limits.", int, d.max_channels, check=positive_int),
         max_connections_per_user=r.get(t, "max_connections_per_user", "limits.", int, d.max_connections_per_user,
                                        check=positive_int),
+        **{key: _budget_value(r, t, key) for key in BUDGET_KEYS},
     )
+
+
+# [limits] budgets (fleetgate/budget.py): unset means derived from the fd limit and the memory.
+BUDGET_KEYS = ("fds_total", "fds_per_user", "buffer_total", "buffer_per_user", "channels_total", "channels_per_user")
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def _budget_value(r: _Reader, t: Mapping[str, Any], key: str) -> int:
+    """A count, or for buffer_* a size in bytes (an integer or a string such as "256 MiB")."""
+    full = f"limits.{key}"
+    if key not in t:
+        return 0
+    value = t[key]
+    is_size = key.startswith("buffer_")
+    if is_size and isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            r.error(full, f"'{value}' is not a size; write bytes as an integer or a string such as \"256 MiB\" "
+                          f"(units KiB, MiB, GiB), or leave it out for the default derived from memory")
+            return 0
+        value = int(m.group(1)) * _SIZE_UNITS[unit]
+    if isinstance(value, bool) or not isinstance(value, int):
+        what = "an integer number of bytes or a size string such as \"256 MiB\"" if is_size else "an integer"
+        r.error(full, f"must be {what}, got {value!r}")
+        return 0
+    least = 1 << 20 if is_size else 1
+    if value < least:
+        r.error(full, f"must be at least {'1 MiB' if is_size else '1'}, got {value}; leave it out for the "
+                      f"default derived from the {'memory' if is_size else 'open-file limit'}")
+        return 0
+    return value
 
 
 ROUTING_KEYS = {"type", "url", "keys_url", "timeout", "cache_ttl", "cache_size", "token_file", "ca_file",

@@ -63,10 +63,21 @@ def default_http_connections(fds: int | None = None) -> int:
     return max(8, min(HTTP_CONNECTIONS_CAP, (fds - RESERVE) // 16))
 
 
-def check(max_unauthenticated: int, http_connections: int, fds: int | None = None) -> list[str]:
-    """Warnings for `fleetgate check` when the configured limits do not fit the budget."""
+def check(max_unauthenticated: int, http_connections: int, fds: int | None = None, fds_total: int = 0) -> list[str]:
+    """Warnings for `fleetgate check` when the configured limits do not fit the budget
+    (`fds_total`: an explicit limits.fds_total; 0 when derived, which always fits)."""
+    from .budget import ACCEPT_HEADROOM
+
     fds = budget() if fds is None else fds
     out = []
+    reserve = RESERVE + ACCEPT_HEADROOM
+    if fds_total and fds_total + max_unauthenticated + http_connections + reserve > fds:
+        out.append(f"limits.fds_total ({fds_total}) + limits.max_unauthenticated ({max_unauthenticated}) + the HTTP "
+                   f"connection cap ({http_connections}) + {reserve} reserved = "
+                   f"{fds_total + max_unauthenticated + http_connections + reserve} descriptors, more than the "
+                   f"open-file limit ({fds}): authenticated users could take the descriptors accept() and the "
+                   f"control plane need; leave fds_total out (derived: "
+                   f"{max(16, fds - reserve - max_unauthenticated - http_connections)} here) or raise the limit")
     need = max_unauthenticated + http_connections + RESERVE
     if need > fds:
         out.append(f"limits.max_unauthenticated ({max_unauthenticated}) + the HTTP connection cap "
@@ -79,3 +90,9 @@ def check(max_unauthenticated: int, http_connections: int, fds: int | None = Non
                    f"({fds}): unauthenticated connections can crowd out sessions (each session needs 2 "
                    f"descriptors); the default here is {default_max_unauthenticated(fds)}")
     return out
+
+
+def current() -> int:
+    """The open-file limit in force now (the soft limit; serve raised it to the hard one)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return CEILING if soft == resource.RLIM_INFINITY else min(soft, CEILING)

@@ -46,9 +46,11 @@ WAKE_FAILURE_REASONS = ("start_error", "boot_timeout", "backend_unreachable", "b
 UPSTREAM_FAILURE_REASONS = ("host_key_mismatch", "upstream_auth", "upstream_error")
 MACHINE_STATES = ("stopped", "starting", "running", "stopping", "failed", "unknown")
 CONNECTION_RESULTS = ("authenticated", "auth_failed", "preauth_timeout", "routing_refused", "wake_failed",
-                      "upstream_failed", "closed_preauth", "user_limit")
+                      "upstream_failed", "closed_preauth", "user_limit", "budget")
 CHANNEL_KINDS = ("session", "jump", "forward", "remote_forward")
-CHANNEL_RESULTS = ("ok", "refused", "wake_failed", "connect_failed", "limit")
+CHANNEL_RESULTS = ("ok", "refused", "wake_failed", "connect_failed", "limit", "budget")
+BUDGET_KINDS = ("fds", "buffer", "channels")  # fleetgate/budget.py
+BUDGET_SCOPES = ("user", "gateway")
 BACKEND_OPS = ("start", "stop", "status", "address")
 # Why a wake was started (fleetgate_wakes_total{cause}); the first is the default.
 WAKE_CAUSES = ("login", "keep_awake", "schedule", "passthrough")
@@ -437,6 +439,24 @@ class Metrics:
         self.unauthenticated_limit = Gauge(
             "fleetgate_unauthenticated_connections_limit", "The configured limits.max_unauthenticated: when "
             "reached, new connections evict the oldest unauthenticated ones.", registry=r)
+        # Issue 25: budgets that add up (fleetgate/budget.py); the labels are the budget and the scope,
+        # never the user.
+        self.budget_used = Gauge(
+            "fleetgate_budget_used", "What authenticated connections and channels hold of each budget, all users "
+            "together (fds: descriptors; buffer: bytes of channel windows; channels).", ["budget"], registry=r)
+        self.budget_user_max = Gauge(
+            "fleetgate_budget_user_max", "The most any one user holds of each budget (no user label).",
+            ["budget"], registry=r)
+        self.budget_limit = Gauge(
+            "fleetgate_budget_limit", "Each budget's limit, for the gateway as a whole and for each user "
+            "(limits.*_total, limits.*_per_user).", ["budget", "scope"], registry=r)
+        self.budget_refusals = Counter(
+            "fleetgate_budget_refusals", "Connections and channels refused because a budget was reached, by "
+            "budget and by whose budget (a user's share or the gateway's total).", ["budget", "scope"],
+            registry=r)
+        for kind in BUDGET_KINDS:
+            for scope in BUDGET_SCOPES:
+                self.budget_refusals.labels(kind, scope)
         self.config_last_reload_success = Gauge(
             "fleetgate_config_last_reload_success_timestamp_seconds", "Unix time of the last successful config "
             "load or reload.", registry=r)

@@ -102,9 +102,11 @@ async def test_tcp_flood_under_ulimit_1024(tmp_path, nursery, many_fds):
         assert await _timed_login(fleet, gw.port) < 2.0
         assert gw.proc.returncode is None
         text = await fetch_metrics(mport)
-        # the flood reached the pre-auth limits (derived from the 1024 budget), maybe accept's EMFILE: both counted
-        assert (sample(text, "fleetgate_preauth_refusals_total", reason="evicted") or 0) + \
-            (sample(text, "fleetgate_loop_errors_total", kind="accept_descriptors") or 0) > 0
+        # the flood reached the pre-auth limits (derived from the 1024 budget), and never accept()'s EMFILE:
+        # the listener accepts 16 per pass and the shares add up to the limit (issue 25, item 10)
+        assert (sample(text, "fleetgate_preauth_refusals_total", reason="evicted") or 0) > 0
+        print(f"\naccept() EMFILE: {sample(text, 'fleetgate_loop_errors_total', kind='accept_descriptors')}")
+        assert (sample(text, "fleetgate_loop_errors_total", kind="accept_descriptors") or 0) == 0
         assert sample(text, "fleetgate_fd_limit") == 1024
         await _close_all(held)
     finally:

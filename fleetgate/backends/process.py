@@ -253,12 +253,25 @@ def _private_dir(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+# Errors that say a process is gone or not ours to look at. Any other (EMFILE when the gateway
+# is out of descriptors, ENOMEM, EIO) raises: status() then fails and the machine keeps its
+# state; a machine with live sessions must never read as "stopped outside fleetgate" (issue 25).
+_GONE = (errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM)
+
+
+def _gone(exc: OSError) -> bool:
+    if exc.errno in _GONE:
+        return True
+    raise exc
+
+
 def proc_start_time(pid: int) -> int | None:
     """The process's start time (clock ticks after boot, /proc/PID/stat field 22), None if gone
     or a zombie: with the pid, it names one process, not whichever later reuses the number."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
+    except OSError as exc:
+        _gone(exc)
         return None
     if not fields or fields[0] in ("Z", "X"):
         return None
@@ -268,7 +281,8 @@ def proc_start_time(pid: int) -> int | None:
 def _cmdline(pid: int | str) -> list[bytes] | None:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    except OSError as exc:
+        _gone(exc)
         return None
     return raw.split(b"\0")[:-1] if raw.endswith(b"\0") else raw.split(b"\0")
 
@@ -521,7 +535,8 @@ MaxSessions 100
                 return False
             if os.readlink(f"/proc/{pid}/ns/pid") != _own_pidns():
                 return False
-        except OSError:
+        except OSError as exc:
+            _gone(exc)
             return False
         argv = _cmdline(pid) if argv is None else argv
         if not argv:
@@ -535,8 +550,8 @@ MaxSessions 100
             text = self._pidfile(machine).read_text()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("process backend: cannot read pid file machine=%s path=%s error=%s", machine.name,
+        except UnicodeDecodeError as exc:
+            log.warning("process backend: pid file is not a record machine=%s path=%s error=%s", machine.name,
                         self._pidfile(machine), exc)
             return None
         parts = text.split()
@@ -552,15 +567,16 @@ MaxSessions 100
         by_cfg = {os.fsencode(str(self._dir(m) / "sshd_config")): m for m in machines}
         heads = {self._argv_head(m)[0] for m in machines}
         found: dict[str, list[int]] = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            argv = _cmdline(entry.name)
-            if not argv or argv[0] not in heads:
-                continue
-            m = next((by_cfg[a] for a in argv if a in by_cfg), None)
-            if m is not None and self._is_ours(int(entry.name), m, argv):
-                found.setdefault(m.name, []).append(int(entry.name))
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                argv = _cmdline(entry.name)
+                if not argv or argv[0] not in heads:
+                    continue
+                m = next((by_cfg[a] for a in argv if a in by_cfg), None)
+                if m is not None and self._is_ours(int(entry.name), m, argv):
+                    found.setdefault(m.name, []).append(int(entry.name))
         return found
 
     def _live_pid(self, machine: MachineConfig) -> int | None:

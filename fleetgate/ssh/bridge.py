@@ -270,7 +270,31 @@ async def open_loop(on_error: Callable[[str], None] | None = None) -> AsyncItera
     _lean_io_wakeups()
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(LoopErrors(on_error))
+        _cap_accepts(loop)
         yield loop
+
+
+ACCEPT_BATCH = 16  # connections accepted per readiness pass of a listener (budget.ACCEPT_HEADROOM)
+
+
+def _cap_accepts(loop: Any) -> None:
+    """Accept at most ACCEPT_BATCH connections per pass of a listener, not `backlog` (1024).
+
+    asyncio's accept loop takes up to the listen backlog in one callback, before any of them
+    reaches the pre-auth limits; a flood thus opened up to 1024 descriptors beyond
+    limits.max_unauthenticated before an eviction could free one, and accept() failed with
+    EMFILE (issue 25: 649 in one burst). The listen queue keeps its length; the rest wait in
+    it for the next pass (the socket stays readable), after the evictions of this one."""
+    original = getattr(loop, "_accept_connection", None)
+    if original is None or getattr(original, "_fg_capped", False):
+        return
+
+    def capped(protocol_factory: Any, sock: Any, sslcontext: Any = None, server: Any = None,
+               backlog: int = 100, *rest: Any) -> Any:
+        return original(protocol_factory, sock, sslcontext, server, min(backlog, ACCEPT_BATCH), *rest)
+
+    capped._fg_capped = True  # type: ignore[attr-defined]
+    loop._accept_connection = capped
 
 
 async def run_aio(fn: Callable[..., Awaitable[T]], *args: Any) -> T:

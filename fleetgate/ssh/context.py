@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import asyncssh
 import trio
 
+from .. import budget as budget_mod
+from .. import fdlimit
 from ..audit import AuditLog
 from ..config import Config
 from ..metrics import Metrics
@@ -61,7 +63,30 @@ class FrontContext:
         metrics.unauthenticated.set_function(lambda: self.limiter.unauthenticated)
         metrics.unauthenticated_limit.set_function(lambda: self.limiter.config.max_unauthenticated)
         self._password_limits: tuple[int, int] | None = None
+        # Budgets that add up (fleetgate/budget.py): one ledger for the life of the process; a
+        # reload (or a changed open-file limit, re-read on SIGHUP) changes its limits, not its use.
+        self.budgets = budget_mod.Budgets(self.budget_limits(config.limits or LimitsConfig()),
+                                          on_refusal=lambda kind, scope: metrics.budget_refusals.labels(kind,
+                                                                                                        scope).inc())
+        for kind in budget_mod.KINDS:
+            metrics.budget_used.labels(kind).set_function(lambda kind=kind: self.budgets.used[kind])
+            metrics.budget_user_max.labels(kind).set_function(lambda kind=kind: self.budgets.user_max(kind))
+            for scope in budget_mod.SCOPES:
+                metrics.budget_limit.labels(kind, scope).set_function(
+                    lambda kind=kind, scope=scope: self.budgets.limits.limit(kind, scope))
         self.apply(config, router)
+
+    @staticmethod
+    def budget_limits(limits: LimitsConfig, fd_limit: int | None = None) -> budget_mod.BudgetLimits:
+        """The budgets for `limits` under the open-file limit in force now (or `fd_limit`)."""
+        fds = fdlimit.current() if fd_limit is None else fd_limit
+        return budget_mod.resolve(
+            fd_limit=fds, memory=budget_mod.memory_bytes(), max_unauthenticated=limits.max_unauthenticated,
+            http_connections=fdlimit.default_http_connections(fds),
+            max_connections_per_user=limits.max_connections_per_user, max_channels=limits.max_channels,
+            fds_total=limits.fds_total, fds_per_user=limits.fds_per_user, buffer_total=limits.buffer_total,
+            buffer_per_user=limits.buffer_per_user, channels_total=limits.channels_total,
+            channels_per_user=limits.channels_per_user)
 
     def apply(self, config: Config, router: Router) -> None:
         """Take a (re)loaded config for new connections; live connections keep what they have.
@@ -85,6 +110,7 @@ class FrontContext:
                             if config.backends[m.backend].type == "device"},
             "ca_keys": frozenset(asyncssh.import_public_key(k).public_data for k in config.user_ca_keys),
             "upstream_ca": asyncssh.read_private_key(str(ca)) if ca is not None else None,
+            "budgets": self.budget_limits(limits),
         }
 
     def commit(self, new: dict) -> None:
@@ -103,6 +129,8 @@ class FrontContext:
         self.upstream_ca = new["upstream_ca"]
         if limits != self.limiter.config:
             self.limiter = PreauthLimiter(limits, count=self.limiter.count)
+        if hasattr(self, "budgets"):
+            self.budgets.apply(new["budgets"])
         self.password_machines = any(m.password_passthrough for m in config.machines.values())
         wanted = (limits.password_per_source_per_minute, limits.password_per_user_per_minute)
         if self._password_limits != wanted:

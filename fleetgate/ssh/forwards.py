@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import asyncssh
 
 from .. import transport
+from ..budget import FDS_PER_JUMP, JUMP_READ
 from ..errors import WakeError
 from . import bridge, internals
 from .pipe import Pipe
@@ -54,7 +55,8 @@ class Owner(Protocol):
     def hold(self) -> None: ...
     def settle_login(self, result: str, upstream_seconds: float | None = None) -> None: ...
     async def upstream_connection(self) -> Any: ...
-    def admit_channel(self, kind: str) -> None: ...
+    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False, both_ways: bool = True,
+                      extra: int = 0) -> Any: ...
     def audit(self, event: str, **fields: Any) -> None: ...
     def count_bytes(self, mode: str, counted: Any) -> None: ...
 
@@ -66,43 +68,60 @@ def _add(owner: Owner, pipe: Pipe) -> Pipe:
     return pipe
 
 
-def _user_channel(owner: Owner) -> Any:
-    """The user's side of a direct-tcpip channel, with the gateway's window and packet size."""
-    return owner.conn.create_tcp_channel(window=owner.window, max_pktsize=owner.max_packet)
+def _user_channel(owner: Owner, budget: Any) -> Any:
+    """The user's side of a direct-tcpip channel, with the window its budget allowed
+    (gateway.window when there is room) and the gateway's packet size."""
+    return owner.conn.create_tcp_channel(window=budget.window, max_pktsize=owner.max_packet)
 
 
-def _new_pipe(owner: Owner, mode: str) -> Pipe:
+def _new_pipe(owner: Owner, mode: str, budget: Any) -> Pipe:
     def done(pipe: Pipe) -> None:
         owner.pipes.discard(pipe)
         owner.count_bytes(mode, pipe.bytes)
 
-    return _add(owner, Pipe(mode, done))
+    return _add(owner, Pipe(mode, done, budget=budget))
 
 
 def direct_tcpip(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
     """A direct-tcpip request: a jump when `dest_host` names a machine, else an `-L` forward."""
     ctx = owner.ctx
     user = owner.target.user
-    owner.admit_channel("jump" if dest_host in ctx.config.machines else "forward")
-    if dest_host in ctx.config.machines:
+    jump = dest_host in ctx.config.machines
+    # A jump's socket to the machine is one more descriptor (budget.FDS_PER_JUMP), and its
+    # window is granted one way only (the machine's side is that socket).
+    budget = owner.admit_channel("jump", fds=FDS_PER_JUMP, both_ways=False, extra=JUMP_READ) if jump \
+        else owner.admit_channel("forward")
+    if jump:
         if dest_port != 22 or not ctx.router.may_reach(user, dest_host):
+            budget.close()
             log.info("jump refused user=%s dest=%s:%s", user, dest_host, dest_port)
             ctx.metrics.channels.labels("jump", "refused").inc()
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
                                             f"fleetgate: {user} may not jump to {dest_host}:{dest_port}")
-        return _user_channel(owner), _jump(owner, dest_host)
+        return _user_channel(owner, budget), _closing_on_failure(budget, _jump(owner, dest_host, budget))
     policy = ctx.config.gateway.forwarding
     if policy == "none" or (policy == "local" and dest_host.lower() not in LOOPBACK_NAMES):
+        budget.close()
         ctx.metrics.channels.labels("forward", "refused").inc()
         log.info("forward refused user=%s dest=%s:%s policy=%s", user, dest_host, dest_port, policy)
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             f"fleetgate: forwarding to {dest_host}:{dest_port} is not allowed; jump targets are machine names")
     owner.hold()
-    return _user_channel(owner), _local_forward(owner, dest_host, dest_port, orig_host, orig_port)
+    return _user_channel(owner, budget), _closing_on_failure(
+        budget, _local_forward(owner, dest_host, dest_port, orig_host, orig_port, budget))
 
 
-async def _jump(owner: Owner, machine: str) -> Any:
+async def _closing_on_failure(budget: Any, opening: Any) -> Any:
+    """Await a channel's opening; if it fails (or is cancelled), give its budget back at once."""
+    try:
+        return await opening
+    except BaseException:
+        budget.close()
+        raise
+
+
+async def _jump(owner: Owner, machine: str, budget: Any) -> Any:
     """Splice the channel to the machine's SSH port: the inner session stays end to end."""
     ctx = owner.ctx
     owner.settle_login("authenticated")  # a jump needs no upstream login: this one worked
@@ -127,7 +146,7 @@ async def _jump(owner: Owner, machine: str) -> Any:
         owner.audit("session_end", mode="jump", machine=machine, bytes_up=p.bytes.up, bytes_down=p.bytes.down,
                     seconds=round(time.monotonic() - t0, 3), result="closed")
 
-    pipe = _add(owner, Pipe("jump", done, batch_machine=True))
+    pipe = _add(owner, Pipe("jump", done, batch_machine=True, budget=budget))
     try:
         sock = await bridge.run_trio(transport.open_stream, address)  # TCP or VSOCK, bounded
         await asyncio.get_running_loop().create_connection(lambda: pipe.machine, sock=sock)
@@ -149,7 +168,8 @@ async def _jump(owner: Owner, machine: str) -> Any:
     return pipe.user
 
 
-async def _local_forward(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+async def _local_forward(owner: Owner, dest_host: str, dest_port: int, orig_host: str, orig_port: int,
+                         budget: Any) -> Any:
     """-L: open the same direct-tcpip on the machine, so its sshd decides and connects."""
     ctx = owner.ctx
     try:
@@ -157,10 +177,10 @@ async def _local_forward(owner: Owner, dest_host: str, dest_port: int, orig_host
     except asyncssh.ChannelOpenError:
         ctx.metrics.channels.labels("forward", "connect_failed").inc()
         raise
-    pipe = _new_pipe(owner, "forward")
+    pipe = _new_pipe(owner, "forward", budget)
     try:
         await upstream.create_connection(lambda: pipe.machine, dest_host, dest_port, orig_host, orig_port,
-                                               window=owner.window, max_pktsize=owner.max_packet)
+                                         window=budget.window, max_pktsize=owner.max_packet)
     except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
         owner.pipes.discard(pipe)
         ctx.metrics.channels.labels("forward", "refused").inc()
@@ -190,15 +210,20 @@ async def _remote_forward(owner: Owner, listen_host: str, listen_port: int) -> A
         return False
 
     async def on_connection(orig_host: str, orig_port: int) -> Any:
-        owner.admit_channel("remote_forward")
-        pipe = _new_pipe(owner, "forward")
+        # The machine's side of the channel has the listener's window (owner.window): the
+        # budget must hold that much, not a smaller window.
+        budget = owner.admit_channel("remote_forward", full_window=True)
+        pipe = _new_pipe(owner, "forward", budget)
         try:
             await owner.conn.create_connection(lambda: pipe.user, listen_host, actual.get("port", listen_port),
                                                orig_host, orig_port,
-                                               window=owner.window, max_pktsize=owner.max_packet)
-        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+                                               window=budget.window, max_pktsize=owner.max_packet)
+        except BaseException as exc:
+            budget.close()
             owner.pipes.discard(pipe)
-            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            if isinstance(exc, (asyncssh.ChannelOpenError, asyncssh.Error, OSError)):
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+            raise
         return pipe.machine
 
     try:

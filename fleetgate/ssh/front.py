@@ -31,6 +31,7 @@ from typing import Any
 import asyncssh
 
 from .. import login as login_mod
+from ..budget import FDS_PER_CONNECTION, BudgetExceeded, Hold, HoldGroup
 from ..fleet import Lease, State
 from ..routing import LoginInfo, RoutingError, split_login
 from ..webhook import WebhookError
@@ -77,6 +78,10 @@ class FrontConnection(asyncssh.SSHServer):
         self._session: login_mod.Session | None = None  # timings of the login, for the lazy upstream
         self._upstream_task: asyncio.Task | None = None  # the lazy upstream login in progress
         self._outcome_pending = False  # authenticated; connections_total waits for the lazy upstream
+        # What this connection took from the budgets (fleetgate/budget.py): its own descriptors
+        # (_connection_hold) and each channel's; all of it is given back when the connection ends.
+        self.budget_holds = HoldGroup()
+        self._connection_hold: Hold | None = None
 
     # -- what relays and forwards read ----------------------------------------------------
 
@@ -103,6 +108,7 @@ class FrontConnection(asyncssh.SSHServer):
 
     def session_ended(self, relay: SessionRelay) -> None:
         self.sessions.discard(relay)
+        relay.budget.close()
         self.count_bytes("relay", relay.bytes)
 
     def ended_reason(self) -> str:
@@ -187,6 +193,7 @@ class FrontConnection(asyncssh.SSHServer):
         for lease in self.holds:
             bridge.call_trio_sync(lease.release)
         self.holds.clear()
+        self.budget_holds.close()  # whatever a channel's own end did not give back yet
         if self.authorized:
             self.settle_login("authenticated")  # nothing needed the upstream: the login worked
             seconds = time.monotonic() - self._t0
@@ -409,10 +416,20 @@ class FrontConnection(asyncssh.SSHServer):
             self._count("user_limit")
             self._banner(message)
             raise asyncssh.ServiceNotAvailable(message)
+        try:
+            hold = self.ctx.budgets.take(user, fds=FDS_PER_CONNECTION, what="connection", context=f"peer={self.peer}")
+        except BudgetExceeded as exc:
+            self._count("budget")
+            self._banner(exc.message)
+            raise asyncssh.ServiceNotAvailable(exc.message) from None
+        self._connection_hold = self.budget_holds.add(hold)
         self.ctx.user_connections[user] = held + 1
         self._user = user
 
     def _give_user_slot(self) -> None:
+        if self._connection_hold is not None:
+            self._connection_hold.close()
+            self._connection_hold = None
         if self._user is not None:
             left = self.ctx.user_connections.get(self._user, 1) - 1
             if left > 0:
@@ -489,15 +506,27 @@ class FrontConnection(asyncssh.SSHServer):
         if self.lease is None and not self.closed:
             self.lease = bridge.call_trio_sync(self.ctx.fleet.try_acquire, self.machine)
 
-    def admit_channel(self, kind: str) -> None:
-        """sshd's MaxSessions for sessions, and a cap on every channel of a connection."""
+    def admit_channel(self, kind: str, fds: int = 0, full_window: bool = False, both_ways: bool = True,
+                      extra: int = 0) -> Hold:
+        """sshd's MaxSessions for sessions, a cap on every channel of a connection, then the
+        user's and the gateway's budgets (fleetgate/budget.py): the Hold returned carries the
+        channel's window (hold.window) and must be closed when the channel ends (the
+        connection closes what is left when it ends)."""
         limits = self.ctx.limiter.config
         if kind == "session" and len(self.sessions) >= limits.max_sessions:
             what = f"at most {limits.max_sessions} sessions per connection (limits.max_sessions)"
         elif len(self.sessions) + len(self.pipes) >= limits.max_channels:
             what = f"at most {limits.max_channels} channels per connection (limits.max_channels)"
         else:
-            return
+            user = self._user or (self.target.user if self.target else self.login)
+            try:
+                hold = self.ctx.budgets.take_channel(user, want_window=self.window, fds=fds, what=kind,
+                                                     floor=self.window if full_window else None,
+                                                     both_ways=both_ways, extra=extra, context=f"peer={self.peer}")
+            except BudgetExceeded as exc:
+                self.ctx.metrics.channels.labels(kind, "budget").inc()
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, exc.message) from None
+            return self.budget_holds.add(hold)
         self.ctx.metrics.channels.labels(kind, "limit").inc()
         log.info("channel refused user=%s kind=%s reason=limit peer=%s", self.target.user if self.target else "?",
                  kind, self.peer)
@@ -511,10 +540,10 @@ class FrontConnection(asyncssh.SSHServer):
 
     def session_requested(self) -> Any:
         self._device_refuses("session")
-        self.admit_channel("session")
+        budget = self.admit_channel("session")
         self.hold()
-        chan = internals.create_session_channel(self.conn, self.window, self.max_packet)
-        relay = SessionRelay(self)
+        chan = internals.create_session_channel(self.conn, budget.window, self.max_packet)
+        relay = SessionRelay(self, budget)
         if self.write_paused:
             relay.transport_paused(True)
         self.sessions.add(relay)
@@ -530,6 +559,7 @@ class FrontConnection(asyncssh.SSHServer):
             await self.upstream_connection()
         except asyncssh.ChannelOpenError as exc:
             self.sessions.discard(relay)
+            relay.budget.close()
             self.channel_result("session", "connect_failed")
             return _RefusedSession(exc.reason)
         return relay

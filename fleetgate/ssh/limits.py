@@ -69,6 +69,14 @@ class LimitsConfig:
     max_sessions: int = 10
     max_channels: int = 64
     max_connections_per_user: int = 64
+    # Budgets that add up (fleetgate/budget.py, docs/security.md): per user and for the gateway
+    # as a whole; 0 means derived from the open-file limit and the machine's memory (budget.resolve).
+    fds_total: int = 0
+    fds_per_user: int = 0
+    buffer_total: int = 0       # bytes
+    buffer_per_user: int = 0    # bytes
+    channels_total: int = 0
+    channels_per_user: int = 0
 
 
 class Closable(Protocol):

@@ -33,8 +33,12 @@ class Pipe:
     mode (user channel ↔ TCP socket to the machine's SSH port).
     """
 
-    def __init__(self, mode: str, on_done: Callable[["Pipe"], None], batch_machine: bool = False):
+    def __init__(self, mode: str, on_done: Callable[["Pipe"], None], batch_machine: bool = False,
+                 budget: Any = None):
         self.mode = mode
+        # What the channel took from the budgets (fleetgate/budget.py), given back when the first
+        # side goes; the owner's connection gives back whatever is left when it ends.
+        self.budget = budget
         self.bytes = Bytes()
         self.user = _Half(self, "up")       # data arriving from the user goes up
         self.machine = _Half(self, "down")  # data arriving from the machine goes down
@@ -64,6 +68,8 @@ class Pipe:
             other.closed = True
             other.end.close()
         if self._lost == 1:
+            if self.budget is not None:
+                self.budget.close()
             self.on_done(self)
 
     def abort(self) -> None:

@@ -85,11 +85,23 @@ class AnySession(asyncssh.SSHServerSession):
         return True
 
 
+class _Unbudgeted:
+    """A relay made without a budget hold (tests with fake owners): the owner's window, nothing to give back."""
+
+    window = 0
+
+    def close(self) -> None:
+        pass
+
+
 class SessionRelay(AnySession):
     """The user's session channel (asyncssh server session callbacks) and its relay state."""
 
-    def __init__(self, owner: RelayOwner):
+    def __init__(self, owner: RelayOwner, budget: Any = None):
         self._owner = owner
+        # What this channel took from the budgets (fleetgate/budget.py): its window, given back
+        # by the owner when the channel ends (session_ended).
+        self.budget = budget if budget is not None else _Unbudgeted()
         self._front: asyncssh.SSHServerChannel | None = None
         self._up: asyncssh.SSHClientChannel | None = None
         self._task: Any = None
@@ -130,7 +142,7 @@ class SessionRelay(AnySession):
             "subsystem": front.get_subsystem(),
             "env": front.get_environment(),
             "encoding": None,
-            "window": owner.window,
+            "window": self.budget.window or owner.window,
             "max_pktsize": owner.max_packet,
         }
         if term_type:
