@@ -51,6 +51,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncssh
 from asyncssh import auth as _auth
+from asyncssh import channel as _channel_mod
 from asyncssh import connection as _connection
 from asyncssh import kex as _kex
 from asyncssh import kex_dh as _kex_dh
@@ -85,6 +86,7 @@ def apply_relay_tuning() -> bool:
     _cork(C)
     _drop_kexinits(C)
     _no_config_reload(_connection.SSHServerConnection)
+    _prompt_close(_channel_mod.SSHChannel)
     _applied = True
     apply_fast_path()
     return True
@@ -202,6 +204,31 @@ def _drop_kexinits(C: type) -> None:
         self._client_kexinit = self._server_kexinit = b""
 
     C.send_newkeys = patched
+
+
+def _prompt_close(Ch: type) -> None:
+    """A relayed machine channel's CLOSE reaches the relay in the step it arrives in.
+
+    asyncssh tells a channel's session about a CLOSE a loop turn later (call_soon), so the
+    relay wrote the machine's exit-status (and EOF) to the user in one TCP write and the
+    CLOSE in another. sshd and a bare asyncssh server send them together, and Paramiko
+    depends on it: its reader thread answers a CLOSE, and if the application thread started
+    a key re-exchange (`renegotiate_keys()`) on seeing the exit status in between, that
+    answer waits for a key exchange only the blocked reader could finish — 30 s, then
+    "Key-exchange timed out" (issue 25, item 10). Cleaning up at once puts the CLOSE in the
+    same write as what came with it (the write cork, `_cork`), as the machine sent them.
+    Only for channels to a machine that the relay paired (`pair_channels`); others unchanged.
+    """
+    handlers = Ch._packet_handlers
+    process_close = handlers[MSG_CHANNEL_CLOSE]
+
+    def patched(self, pkttype, pktid, packet):
+        process_close(self, pkttype, pktid, packet)
+        if (getattr(self, "_fg_to", None) is not None and self._recv_state == "closed"
+                and self._conn is not None and not self._conn.is_server()):
+            self._cleanup()  # what asyncssh scheduled with call_soon; that later call finds nothing to do
+
+    handlers[MSG_CHANNEL_CLOSE] = patched
 
 
 def _no_config_reload(S: type) -> None:
