@@ -355,7 +355,9 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                        "penalty_window", "penalty_duration", "exempt", "password_per_source_per_minute",
                        "password_per_user_per_minute", "expensive_kex_per_second",
                        "expensive_kex_per_source_per_minute", "max_sessions", "max_channels",
-                       "max_connections_per_user"}, "limits.")
+                       "max_connections_per_user", "password_per_account_per_minute",
+                       "rekey_per_connection_per_minute", "rekey_per_source_per_minute", "rekey_per_second"},
+                   "limits.")
     start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
     startups = r.get(t, "per_source_startups", "limits.", str)
     if startups is not None:
@@ -388,6 +390,13 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                                              d.password_per_source_per_minute, check=positive_int),
         password_per_user_per_minute=r.get(t, "password_per_user_per_minute", "limits.", int,
                                            d.password_per_user_per_minute, check=positive_int),
+        password_per_account_per_minute=r.get(t, "password_per_account_per_minute", "limits.", int,
+                                              d.password_per_account_per_minute, check=positive_int),
+        rekey_per_connection_per_minute=r.get(t, "rekey_per_connection_per_minute", "limits.", int,
+                                              d.rekey_per_connection_per_minute, check=positive_int),
+        rekey_per_source_per_minute=r.get(t, "rekey_per_source_per_minute", "limits.", int,
+                                          d.rekey_per_source_per_minute, check=positive_int),
+        rekey_per_second=r.get(t, "rekey_per_second", "limits.", float, d.rekey_per_second, check=_positive),
         expensive_kex_per_second=r.get(t, "expensive_kex_per_second", "limits.", float,
                                        d.expensive_kex_per_second, check=_positive),
         expensive_kex_per_source_per_minute=r.get(t, "expensive_kex_per_source_per_minute", "limits.", int,

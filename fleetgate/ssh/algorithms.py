@@ -228,6 +228,15 @@ class FrontPolicy:
         ciphers = steer_ciphers(client, self.ciphers) if self.steer else list(self.ciphers)
         return Offer(kex=tuple(kex), host_key=tuple(hk), ciphers=tuple(ciphers), macs=self.macs)
 
+    def rekey_kex(self, client: Kexinit, allow_expensive: Callable[[str], bool]) -> tuple[str, ...]:
+        """Our key exchange list when we answer a client's re-exchange: the same budget as the
+        first exchange (an expensive one over it is taken off the list)."""
+        kex = list(self.kex)
+        chosen = first_common(client.kex, kex)
+        if chosen is not None and is_expensive_kex(chosen) and not allow_expensive(chosen):
+            kex = [k for k in kex if not is_expensive_kex(k)]
+        return tuple(kex)
+
     def check_sent(self, client: Kexinit, sent: Kexinit, allow_expensive: Callable[[str], bool]) -> None:
         """Our KEXINIT went out first (the client waited for it): refuse an expensive key
         exchange over budget, as we can no longer take it off the list."""

@@ -389,11 +389,14 @@ def install_kexinit_policy(policy: Any) -> bool:
     return True
 
 
-def set_kex_budget(conn: Any, allow: Callable[[str], bool]) -> None:
+def set_kex_budget(conn: Any, allow: Callable[[str], bool], allow_rekey: Callable[[], bool] | None = None) -> None:
     """`allow(kex_name)` is asked before an expensive key exchange (algorithms.is_expensive_kex)
-    runs on this server connection; False takes it off the offer, or refuses the client."""
+    runs on this server connection, the first one or a re-exchange the client starts; False
+    takes it off the offer, or refuses the client. `allow_rekey()` is asked before each key
+    re-exchange the client starts; False disconnects it (a re-exchange cannot be declined)."""
     if isinstance(conn, _connection.SSHServerConnection):
         conn._fg_kex_budget = allow  # noqa: SLF001
+        conn._fg_rekey_budget = allow_rekey  # noqa: SLF001
 
 
 def _patch_recv_version(S: type) -> None:
@@ -510,8 +513,19 @@ def _patch_process_kexinit(handlers: dict) -> None:
             client = policy.parse(packet.get_remaining_payload())
         except policy.Malformed as exc:
             raise asyncssh.ProtocolError(str(exc)) from None
-        if not self._session_id:  # the first key exchange (a rekey keeps its lists)
-            allow = getattr(self, "_fg_kex_budget", None) or _always
+        allow = getattr(self, "_fg_kex_budget", None) or _always
+        if self._session_id:
+            # A re-exchange: it keeps the connection's ciphers, but every one the client starts
+            # is counted (issue 25: a client could re-run key exchanges before authentication,
+            # group18 ones too, outside every budget). Ours (asyncssh's rekey after 1 GiB or an
+            # hour) went out first and costs what we chose: not charged.
+            if not self._kexinit_sent:
+                allow_rekey = getattr(self, "_fg_rekey_budget", None)
+                if allow_rekey is not None and not allow_rekey():
+                    raise asyncssh.KeyExchangeFailed("fleetgate: key re-exchanges far more often than any client "
+                                                     "needs; disconnecting")
+                self._kex_algs = _encoded(policy.rekey_kex(client, allow))
+        else:  # the first key exchange
             try:
                 if not self._kexinit_sent:
                     hk = [a.decode() for a in (self._server_host_key_algs or ())]
