@@ -575,9 +575,16 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     # [metrics]
     m = r.table(doc, "metrics", "")
-    r.unknown_keys(m, {"listen"}, "metrics.")
+    r.unknown_keys(m, {"listen", "max_connections_per_source", "health_reserve"}, "metrics.")
     mlisten = r.get(m, "listen", "metrics.", str)
-    metrics = MetricsConfig(listen=r.host_port(mlisten, "metrics.listen", "127.0.0.1") if mlisten else None)
+    md = MetricsConfig(listen=None)
+    metrics = MetricsConfig(
+        listen=r.host_port(mlisten, "metrics.listen", "127.0.0.1") if mlisten else None,
+        max_connections_per_source=r.get(m, "max_connections_per_source", "metrics.", int,
+                                         md.max_connections_per_source,
+                                         check=lambda v: None if v >= 1 else f"must be 1 or more, got {v}"),
+        health_reserve=r.get(m, "health_reserve", "metrics.", int, md.health_reserve,
+                             check=lambda v: None if 0 <= v <= 64 else f"must be 0 to 64, got {v}"))
 
     # [user_ca]
     ca = r.table(doc, "user_ca", "")

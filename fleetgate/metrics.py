@@ -362,7 +362,8 @@ class Metrics:
         self.http_refusals = Counter(
             "fleetgate_http_refusals", "HTTP (metrics/admin) connections closed without an answer, by reason.",
             ["reason"], registry=r)
-        for reason in ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors"):
+        for reason in ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors",
+                       "per_source", "evicted", "health_reserve"):
             self.http_refusals.labels(reason)
         self.fd_limit = Gauge(
             "fleetgate_fd_limit", "The gateway's open-file limit (RLIMIT_NOFILE soft, raised to the hard limit "
