@@ -53,6 +53,7 @@ CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 REFUSAL_LOG_EVERY = 60.0
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+EVICT_AFTER = 1.0  # a connection still sending its request after this long may be closed for a newcomer
 REFUSAL_REASONS = ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors",
                    "per_source", "evicted", "health_reserve")
 
@@ -98,10 +99,11 @@ def source_of(stream: trio.abc.Stream) -> str | None:
 
 
 class _Conn:
-    __slots__ = ("source", "reserved", "reading")
+    __slots__ = ("source", "reserved", "reading", "since")
 
     def __init__(self, source: str | None, reserved: bool):
         self.source = source
+        self.since = trio.current_time()
         self.reserved = reserved          # in a health_reserve slot: /healthz and /readyz only
         self.reading: trio.CancelScope | None = None  # set while the request is being read
 
@@ -172,14 +174,22 @@ class _Server:
         return conn
 
     def _evict_oldest_reader(self) -> bool:
-        """Every slot is taken: close the connection that has been sending its request longest
-        (a health probe sends its request at once; a slowloris never finishes one)."""
-        for victim in self._reading:
-            if victim.reading is not None and not victim.reading.cancel_called:
-                victim.reading.cancel()
-                self.refuse("evicted", victim.source)
-                return True
-        return False
+        """Every slot is taken: close a connection that has been sending its request for at least
+        EVICT_AFTER seconds (a health probe sends its request at once; a slowloris never finishes
+        one), the oldest of the address holding the most connections."""
+        now = trio.current_time()
+        oldest: dict[str | None, _Conn] = {}
+        for conn in self._reading:  # oldest first
+            if now - conn.since < EVICT_AFTER:
+                break
+            if conn.reading is not None and not conn.reading.cancel_called and conn.source not in oldest:
+                oldest[conn.source] = conn
+        if not oldest:
+            return False
+        victim = max(oldest.values(), key=lambda c: self._per_source.get(c.source, 0) if c.source else 0)
+        victim.reading.cancel()
+        self.refuse("evicted", victim.source)
+        return True
 
     async def _one(self, stream: trio.abc.Stream, conn: _Conn) -> None:
         try:
