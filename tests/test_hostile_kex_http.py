@@ -215,18 +215,19 @@ async def test_rekey_flood_and_metrics_slowloris_under_ulimit_1024(tmp_path):
         curve, dh = results[CURVE_SOURCE]["rekeys"], results[DH_SOURCE]["rekeys"]
         text = await gw.metrics()
         rekey_rate = sample(text, "fleetgate_preauth_refusals_total", reason="rekey_rate") or 0
+        penalty = sample(text, "fleetgate_preauth_refusals_total", reason="penalty") or 0
         kex_budget = sample(text, "fleetgate_preauth_refusals_total", reason="kex_budget") or 0
         print(f"re-exchange flood {ATTACK_SECONDS:.0f} s: curve25519 {curve} ({curve / ATTACK_SECONDS:.1f}/s), "
               f"group16 {dh} ({dh / ATTACK_SECONDS:.1f}/s), connections "
               f"{sum(r['connections'] for r in results.values())}, refusals rekey_rate={rekey_rate:.0f} "
-              f"kex_budget={kex_budget:.0f}, gateway CPU {cpu_rekey:.1f} s of {wall:.0f} s (it waited for a CPU "
+              f"kex_budget={kex_budget:.0f} penalty={penalty:.0f}, gateway CPU {cpu_rekey:.1f} s of {wall:.0f} s (it waited for a CPU "
               f"{starved:.0%} of the time); bob {bob.summary()}")
         rekey_logins = list(bob.seconds)
         assert not bob.failures, bob.failures[:3]
         assert rekey_logins
         judge_median(rekey_logins, bound, starved, "bob during the re-exchange flood")
         assert rekey_rate > 0 and kex_budget > 0
-        assert cpu_rekey < 0.25 * wall, cpu_rekey  # the old gateway: 90 % of a core
+        assert cpu_rekey < 0.5 * wall, cpu_rekey  # bob's logins included; the flood: 90 % of a core
         # Per source: 120 re-exchanges a minute (30 per connection); expensive ones 30 a minute,
         # first exchanges included. Bounds with room for the clock: the old gateway ran thousands.
         assert curve <= (120 + 120 * ATTACK_SECONDS / 60) * 1.25, curve

@@ -19,7 +19,7 @@ hold connections open or guess keys. So
 - every key re-exchange a client starts is counted per connection, per source and for the
   gateway: a client that rekeys far more often than any real one (OpenSSH, PuTTY, Dropbear
   and asyncssh rekey after 1 GiB or an hour; Paramiko after 512 MiB) is disconnected, counted
-  as `rekey_rate`;
+  as `rekey_rate`, and a strike towards the source's penalty like a failed login;
 - every refusal is counted by reason, and logged once per source and reason a minute.
 """
 
@@ -137,6 +137,8 @@ class PreauthLimiter:
         # connection's own is a _Rekeys held by its connection)
         self._rekey_global = (float(config.rekey_per_second), clock())
         self._rekey_sources: dict[str, tuple[float, float]] = {}
+        # unauthenticated connections that were refused an expensive key exchange
+        self._kex_refused: set[int] = set()
         self.count = count
         self._clock = clock
         self._rng = rng or random.Random()
@@ -196,7 +198,15 @@ class PreauthLimiter:
         src.unauthenticated[id(conn)] = (now, conn)
         self._holding[ip] = src
         self._total += 1
-        internals.set_kex_budget(conn, lambda name: self.expensive_kex(ip), _Rekeys(self, ip).allow)
+        key = id(conn)
+
+        def allow_expensive(name: str) -> bool:
+            if self.expensive_kex(ip):
+                return True
+            self._kex_refused.add(key)  # if it then leaves unauthenticated: a strike (closed())
+            return False
+
+        internals.set_kex_budget(conn, allow_expensive, _Rekeys(self, ip).allow)
         return True
 
     def rekey(self, ip: str, per_connection: "_Rekeys") -> bool:
@@ -227,6 +237,9 @@ class PreauthLimiter:
         if not allowed:
             which = "connection" if not ok_conn else "gateway" if g_tokens < 1.0 else "source"
             self.refuse(ip, "rekey_rate", f"budget={which}")
+            # A strike, as a failed login is: a flood that reconnects after each cut (a full
+            # handshake instead of a re-exchange) gets its source blocked like a key guesser.
+            self._penalise(ip)
         return allowed
 
     def expensive_kex(self, ip: str) -> bool:
@@ -283,6 +296,7 @@ class PreauthLimiter:
         conn.abort()
 
     def _settle(self, ip: str, key: int) -> bool:
+        self._kex_refused.discard(key)
         src = self._sources.get(ip)
         if src is None or src.unauthenticated.pop(key, None) is None:
             return False
@@ -298,7 +312,18 @@ class PreauthLimiter:
 
     def closed(self, ip: str, conn: Closable, failed_auth: bool) -> None:
         """An unauthenticated connection ended; a failed one counts towards the source's penalty."""
-        if not self._settle(ip, id(conn)) or not failed_auth or self._exempted(ip):
+        refused_kex = id(conn) in self._kex_refused
+        if not self._settle(ip, id(conn)) or not (failed_auth or refused_kex):
+            return
+        # A connection that left unauthenticated after being refused an expensive key exchange
+        # is a strike too (sshd's PerSourcePenalties "noauth"): a flood of DH-only clients that
+        # reconnects at once would otherwise cost a handshake's start each time, unbounded.
+        self._penalise(ip)
+
+    def _penalise(self, ip: str) -> None:
+        """One more strike against `ip` (a failed login, or a connection cut for re-exchanging
+        keys far too often); penalty_after of them within penalty_window block it."""
+        if self._exempted(ip):
             return
         c = self.config
         now = self._clock()
@@ -313,8 +338,8 @@ class PreauthLimiter:
         if len(src.failures) >= c.penalty_after:
             src.blocked_until = now + c.penalty_duration
             src.failures.clear()
-            log.warning("source blocked source=%s seconds=%.0f after %d failed logins", ip, c.penalty_duration,
-                        c.penalty_after)
+            log.warning("source blocked source=%s seconds=%.0f after %d failed logins or key re-exchange floods",
+                        ip, c.penalty_duration, c.penalty_after)
 
     @property
     def unauthenticated(self) -> int:
