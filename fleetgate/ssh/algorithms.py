@@ -19,7 +19,9 @@ client can ask to be 8192 bits) costs the gateway 1.3-4 times the CPU of a whole
 curve25519 handshake (bench/preauth_cpu.py), while a client need not compute its own side
 at all; so such a key exchange draws on a budget (`limits.expensive_kex_per_second` and
 `limits.expensive_kex_per_source_per_minute`, in `limits.py`); when the budget is spent
-the front stops offering them and refuses a client that can do nothing else.
+the front stops offering them and refuses a client that can do nothing else. Key
+re-exchanges the client starts draw on the same budget (`FrontPolicy.rekey_kex`), and on a
+re-exchange rate budget of their own (limits.py).
 """
 
 from __future__ import annotations

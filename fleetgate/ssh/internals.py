@@ -18,7 +18,11 @@ bump breaks a hook):
   the machine's channel closed, as sshd does (OpenSSH ControlMaster depends on it);
 - `watch_transport()`: the user's TCP back-pressure, which asyncssh itself ignores;
 - `create_remote_listener()`: `-R` registered before the machine listens, as OpenSSH does;
-- `register_sntrup761()`: the post-quantum key exchange OpenSSH 9.0-9.8 prefer, without liboqs.
+- `register_sntrup761()`: the post-quantum key exchange OpenSSH 9.0-9.8 prefer, without liboqs;
+- `set_kex_budget()`: every key exchange a client starts, re-exchanges too, asks the pre-auth
+  limiter's budgets (limits.py) first;
+- `_prompt_close()` (with the relay tuning): a relayed machine channel's CLOSE goes to the user
+  in the same write as the exit status that came with it (Paramiko's rekey race, issue 25).
 
 Relay tuning: per-packet costs of asyncssh that a relay pays twice per byte, removed.
 
