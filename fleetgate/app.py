@@ -282,7 +282,12 @@ class App:
                     if self.config.metrics.listen is not None:
                         hp = self.config.metrics.listen
                         metrics_port = await nursery.start(partial(http.serve, on_refusal=self._http_refused,
-                                                                   limits=http.Limits(share_for=1.0)),
+                                                                   limits=http.Limits(
+                                                                       share_for=1.0,
+                                                                       max_per_source=self.config.metrics
+                                                                       .max_connections_per_source,
+                                                                       health_reserve=self.config.metrics
+                                                                       .health_reserve)),
                                                            hp.host, hp.port, self._http)
                     passthrough_ports = await nursery.start(passthrough.serve, self.config, fleet, self.metrics)
                     running = self._running = Running(gateway, fleet, self.metrics, gateway.ports, metrics_port,

@@ -405,7 +405,9 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                        "penalty_window", "penalty_duration", "exempt", "password_per_source_per_minute",
                        "password_per_user_per_minute", "expensive_kex_per_second",
                        "expensive_kex_per_source_per_minute", "max_sessions", "max_channels",
-                       "max_connections_per_user", *BUDGET_KEYS}, "limits.")
+                       "max_connections_per_user", "password_per_account_per_minute",
+                       "rekey_per_connection_per_minute", "rekey_per_source_per_minute", "rekey_per_second",
+                       *BUDGET_KEYS}, "limits.")
     start, rate, full = d.per_source_start, d.per_source_rate, d.per_source_full
     startups = r.get(t, "per_source_startups", "limits.", str)
     if startups is not None:
@@ -438,6 +440,13 @@ def _parse_limits(r: _Reader, doc: Mapping[str, Any]) -> Any:
                                              d.password_per_source_per_minute, check=positive_int),
         password_per_user_per_minute=r.get(t, "password_per_user_per_minute", "limits.", int,
                                            d.password_per_user_per_minute, check=positive_int),
+        password_per_account_per_minute=r.get(t, "password_per_account_per_minute", "limits.", int,
+                                              d.password_per_account_per_minute, check=positive_int),
+        rekey_per_connection_per_minute=r.get(t, "rekey_per_connection_per_minute", "limits.", int,
+                                              d.rekey_per_connection_per_minute, check=positive_int),
+        rekey_per_source_per_minute=r.get(t, "rekey_per_source_per_minute", "limits.", int,
+                                          d.rekey_per_source_per_minute, check=positive_int),
+        rekey_per_second=r.get(t, "rekey_per_second", "limits.", float, d.rekey_per_second, check=_positive),
         expensive_kex_per_second=r.get(t, "expensive_kex_per_second", "limits.", float,
                                        d.expensive_kex_per_second, check=_positive),
         expensive_kex_per_source_per_minute=r.get(t, "expensive_kex_per_source_per_minute", "limits.", int,
@@ -652,9 +661,16 @@ def parse(doc: Mapping[str, Any], file: str = "<config>", base_dir: Path | None 
 
     # [metrics]
     m = r.table(doc, "metrics", "")
-    r.unknown_keys(m, {"listen"}, "metrics.")
+    r.unknown_keys(m, {"listen", "max_connections_per_source", "health_reserve"}, "metrics.")
     mlisten = r.get(m, "listen", "metrics.", str)
-    metrics = MetricsConfig(listen=r.host_port(mlisten, "metrics.listen", "127.0.0.1") if mlisten else None)
+    md = MetricsConfig(listen=None)
+    metrics = MetricsConfig(
+        listen=r.host_port(mlisten, "metrics.listen", "127.0.0.1") if mlisten else None,
+        max_connections_per_source=r.get(m, "max_connections_per_source", "metrics.", int,
+                                         md.max_connections_per_source,
+                                         check=lambda v: None if v >= 1 else f"must be 1 or more, got {v}"),
+        health_reserve=r.get(m, "health_reserve", "metrics.", int, md.health_reserve,
+                             check=lambda v: None if 0 <= v <= 64 else f"must be 0 to 64, got {v}"))
 
     # [user_ca]
     ca = r.table(doc, "user_ca", "")

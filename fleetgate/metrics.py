@@ -330,10 +330,11 @@ class Metrics:
             registry=r)
         self.config_last_reload_ok.set(1)
         self.preauth_refusals = Counter(
-            "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits.",
-            ["reason"], registry=r)
+            "fleetgate_preauth_refusals", "Unauthenticated connections refused or closed by the pre-auth limits, "
+            "and key exchanges refused by the key-exchange budgets (kex_budget, rekey_rate; before or after "
+            "authentication).", ["reason"], registry=r)
         for reason in ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate",
-                       "kex_budget"):
+                       "kex_budget", "rekey_rate"):
             self.preauth_refusals.labels(reason)
         self.reaper_last_run = Gauge(
             "fleetgate_reaper_last_run_timestamp_seconds", "Unix time of the idle reaper's last completed pass.",
@@ -370,7 +371,8 @@ class Metrics:
         self.http_refusals = Counter(
             "fleetgate_http_refusals", "HTTP (metrics/admin) connections closed without an answer, by reason.",
             ["reason"], registry=r)
-        for reason in ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors"):
+        for reason in ("connection_cap", "read_timeout", "write_timeout", "bad_request", "accept_descriptors",
+                       "per_source", "evicted", "health_reserve"):
             self.http_refusals.labels(reason)
         self.fd_limit = Gauge(
             "fleetgate_fd_limit", "The gateway's open-file limit (RLIMIT_NOFILE soft, raised to the hard limit "

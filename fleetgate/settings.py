@@ -47,6 +47,10 @@ class GatewayConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: HostPort | None
+    # Connections at once from one address to the metrics port (slowloris from one source).
+    max_connections_per_source: int = 8
+    # Of the port's connection cap, slots only /healthz and /readyz may use.
+    health_reserve: int = 4
 
 
 @dataclass(frozen=True)

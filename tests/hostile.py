@@ -266,9 +266,11 @@ def deep_merge(doc: dict, patch: dict) -> None:
 class GatewayProcess:
     """The demo fleet's gateway in a subprocess, its config patched by a TOML-shaped dict."""
 
-    def __init__(self, tmp_path: Path, patch: dict | None = None, cpus: str | None = None):
+    def __init__(self, tmp_path: Path, patch: dict | None = None, cpus: str | None = None,
+                 prefix: Iterable[str] = ()):
         self.tmp_path = tmp_path
         self.cpus = cpus
+        self.prefix = list(prefix)  # e.g. ["prlimit", "--nofile=1024:1024"]
         self.metrics_port = free_port()
         self.patch = {"metrics": {"listen": f"127.0.0.1:{self.metrics_port}"}, **(patch or {})}
         self.log = tmp_path / "gateway.log"
@@ -279,7 +281,7 @@ class GatewayProcess:
 
     async def __aenter__(self) -> "GatewayProcess":
         self.proc, buf = await spawn_until(
-            [*taskset(self.cpus), sys.executable, str(Path(__file__).resolve()), "serve", str(self.tmp_path),
+            [*self.prefix, *taskset(self.cpus), sys.executable, str(Path(__file__).resolve()), "serve", str(self.tmp_path),
              json.dumps(self.patch)], b"\n", self.log, timeout=60, cwd=str(REPO))
         word, port = buf.split(b"\n")[0].split()
         assert word == b"READY", buf

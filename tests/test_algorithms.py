@@ -204,3 +204,86 @@ def test_only_the_big_groups_count_as_expensive():
     assert not A.is_expensive_kex("curve25519-sha256") and not A.is_expensive_kex("mlkem768x25519-sha256")
     for k in ("diffie-hellman-group16-sha512", "diffie-hellman-group18-sha512", "diffie-hellman-group-exchange-sha256"):
         assert A.is_expensive_kex(k)
+
+
+def test_rekey_budget_per_connection_per_source_and_global():
+    """Issue 25 item 3: every key re-exchange a client starts is counted, and a connection,
+    a source or the gateway over its budget is refused (counted as rekey_rate)."""
+    now = [0.0]
+    refused = []
+    lim = PreauthLimiter(LimitsConfig(rekey_per_connection_per_minute=3, rekey_per_source_per_minute=5,
+                                      rekey_per_second=4, exempt=("10.0.0.0/8",)),
+                         count=refused.append, clock=lambda: now[0])
+    from fleetgate.ssh.limits import _Rekeys
+    a, b, c = _Rekeys(lim, "1.1.1.1"), _Rekeys(lim, "1.1.1.1"), _Rekeys(lim, "2.2.2.2")
+    assert [a.allow() for _ in range(4)] == [True, True, True, False]  # the connection's 3 a minute
+    assert refused == ["rekey_rate"]
+    now[0] += 1.0
+    assert b.allow() and b.allow()                    # the source's 5th
+    now[0] += 1.0
+    assert not b.allow()                              # the source's 5 a minute are spent
+    assert c.allow()                                  # another source is not
+    now[0] += 60.0
+    assert a.allow()                                  # a minute later, refilled
+    g = [_Rekeys(lim, f"10.0.0.{i}") for i in range(8)]  # exempt: no per-source bucket, the global one
+    assert [x.allow() for x in g] == [True] * 3 + [False] * 5  # 4 a second, one taken by `a` above
+    assert refused.count("rekey_rate") == 7
+
+
+def test_a_rekey_answer_takes_expensive_kex_off_over_budget():
+    p = default_policy()
+    k = client(OPENSSH_CLIENT, kex=("diffie-hellman-group16-sha512", "curve25519-sha256"))
+    assert "diffie-hellman-group16-sha512" in p.rekey_kex(k, always)
+    offered = p.rekey_kex(k, never)
+    assert not any(A.is_expensive_kex(x) for x in offered) and "curve25519-sha256" in offered
+
+
+def test_connections_cut_for_rekeying_count_towards_the_source_penalty():
+    """A flood that reconnects after each cut trades re-exchanges for whole handshakes: each cut
+    is a strike, as a failed login is, and penalty_after of them block the source."""
+    from fleetgate.ssh.limits import _Rekeys
+
+    class Conn:
+        def abort(self) -> None:
+            pass
+    now = [0.0]
+    refused = []
+    lim = PreauthLimiter(LimitsConfig(rekey_per_connection_per_minute=1, penalty_after=3, exempt=("10.0.0.0/8",)),
+                         count=refused.append, clock=lambda: now[0])
+    for _ in range(3):
+        conn = Conn()
+        assert lim.admit("1.1.1.1", conn)
+        r = _Rekeys(lim, "1.1.1.1")
+        assert r.allow() and not r.allow()
+        lim.closed("1.1.1.1", conn, failed_auth=False)
+    assert not lim.admit("1.1.1.1", Conn()) and refused[-1] == "penalty"
+    for _ in range(5):  # exempt networks are never blocked
+        conn = Conn()
+        assert lim.admit("10.1.1.1", conn)
+        r = _Rekeys(lim, "10.1.1.1")
+        assert r.allow() and not r.allow()
+        lim.closed("10.1.1.1", conn, failed_auth=False)
+
+
+def test_connections_refused_an_expensive_kex_and_gone_unauthenticated_are_strikes(monkeypatch):
+    from fleetgate.ssh import limits as L
+
+    def set_kex_budget(conn, allow, allow_rekey=None):
+        conn._fg_kex_budget = allow
+    monkeypatch.setattr(L.internals, "set_kex_budget", set_kex_budget)
+
+    class Conn:
+        def abort(self) -> None:
+            pass
+    now = [0.0]
+    lim = PreauthLimiter(LimitsConfig(expensive_kex_per_source_per_minute=1, penalty_after=3),
+                         count=lambda reason: None, clock=lambda: now[0])
+    first = Conn()
+    assert lim.admit("1.1.1.1", first) and first._fg_kex_budget("diffie-hellman-group16-sha512")
+    lim.authenticated("1.1.1.1", first)  # a user who got their DH exchange and logged in: no strike
+    for _ in range(3):
+        conn = Conn()
+        assert lim.admit("1.1.1.1", conn)
+        assert not conn._fg_kex_budget("diffie-hellman-group16-sha512")
+        lim.closed("1.1.1.1", conn, failed_auth=False)
+    assert not lim.admit("1.1.1.1", Conn())  # blocked

@@ -238,3 +238,48 @@ async def test_an_rsa_host_key_never_signs_with_sha1(tmp_path, nursery):
     assert r.returncode == 0 and r.out == "ok\n", r.err
     r = await run(fleet.ssh("alice", "echo ok", extra=["-o", "HostKeyAlgorithms=ssh-rsa"]))
     assert r.returncode == 255 and "no matching host key type" in r.err, r.err
+
+
+def _paramiko_rekeys(port: int, kex: str, tries: int, source: str = "127.0.0.1") -> int:
+    """Paramiko, before authenticating, starts key re-exchanges until one fails; how many worked."""
+    import socket
+
+    import paramiko
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20, source_address=(source, 0))
+    t = paramiko.Transport(sock)
+    t.get_security_options().kex = (kex,)
+    t.clear_to_send_timeout = 10.0
+    done = 0
+    try:
+        t.start_client(timeout=20)
+        for _ in range(tries):
+            t.renegotiate_keys()
+            done += 1
+    except (paramiko.SSHException, EOFError, OSError):
+        pass
+    finally:
+        t.close()
+    return done
+
+
+async def test_key_reexchanges_before_authentication_draw_on_the_budgets(tmp_path, nursery):
+    """Issue 25 item 3: re-exchanges before authentication were outside every budget (group18
+    ran 60 a second against a budget of 8, curve25519 1 800 a second). Now a connection is cut
+    after its re-exchange budget, and an expensive re-exchange over its budget is not offered."""
+    def patch(doc):
+        doc.setdefault("limits", {}).update(rekey_per_connection_per_minute=5, expensive_kex_per_source_per_minute=3)
+    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    running = await start_gateway(nursery, fleet, cfg)
+    port = running.ssh_ports[0]
+    with trio.fail_after(120):
+        cheap = await trio.to_thread.run_sync(_paramiko_rekeys, port, "curve25519-sha256@libssh.org", 20)
+    assert cheap == 5  # the 6th re-exchange within a minute disconnects
+    assert fleet.metric("fleetgate_preauth_refusals_total", reason="rekey_rate") == 1
+    with trio.fail_after(120):  # another source: its own budgets
+        dh = await trio.to_thread.run_sync(_paramiko_rekeys, port, "diffie-hellman-group16-sha512", 20, "127.0.0.7")
+    assert dh == 2  # the first exchange and two re-exchanges spend the source's 3 a minute
+    assert fleet.metric("fleetgate_preauth_refusals_total", reason="kex_budget") == 1
+    # A legitimate login still works meanwhile.
+    r = await run(fleet.ssh("alice", "echo ok"))
+    assert r.returncode == 0 and r.out == "ok\n", r.err

@@ -375,3 +375,23 @@ def test_issue_text_names_file_and_key() -> None:
     assert str(C.ConfigIssue("/etc/fg.toml", "gateway.window", "too small")) == \
         "/etc/fg.toml: key 'gateway.window': too small"
     assert str(C.ConfigIssue("/etc/fg.toml", "", "TOML syntax error")) == "/etc/fg.toml: TOML syntax error"
+
+
+def test_key_exchange_budgets_and_metrics_port_caps(d: Path) -> None:
+    """Issue 25: [limits] rekey_* and password_per_account_per_minute, [metrics] caps."""
+    cfg = parse(d, doc(limits={"rekey_per_connection_per_minute": 12, "rekey_per_source_per_minute": 40,
+                               "rekey_per_second": 2.5, "password_per_account_per_minute": 3},
+                       metrics={"listen": ":9180", "max_connections_per_source": 3, "health_reserve": 0}))
+    assert (cfg.limits.rekey_per_connection_per_minute, cfg.limits.rekey_per_source_per_minute,
+            cfg.limits.rekey_per_second, cfg.limits.password_per_account_per_minute) == (12, 40, 2.5, 3)
+    assert (cfg.metrics.max_connections_per_source, cfg.metrics.health_reserve) == (3, 0)
+    default = parse(d, doc())
+    assert (default.metrics.max_connections_per_source, default.metrics.health_reserve) == (8, 4)
+    assert (default.limits.rekey_per_connection_per_minute, default.limits.rekey_per_second) == (30, 30.0)
+    assert issues(d, doc(limits={"rekey_per_connection_per_minute": 0, "rekey_per_second": -1},
+                         metrics={"max_connections_per_source": 0, "health_reserve": 100})) == [
+        ("metrics.max_connections_per_source", "must be 1 or more, got 0"),
+        ("metrics.health_reserve", "must be 0 to 64, got 100"),
+        ("limits.rekey_per_connection_per_minute", "must be 1 or more, got 0"),
+        ("limits.rekey_per_second", "must be greater than 0, got -1.0"),
+    ]

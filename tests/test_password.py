@@ -130,3 +130,24 @@ async def test_a_wrong_password_does_not_escape_the_login_grace(tmp_path, nurser
     assert elapsed < 4 + 4 + 3, elapsed  # its grace (+ the sweep's bound), not the askpass's 600 s
     assert fleet.metric("fleetgate_connections_total", result="preauth_timeout") == 1
     assert running.gateway.limiter.unauthenticated == 0
+
+
+async def test_password_guesses_count_per_target_account(tmp_path, nursery, account):
+    """Issue 25 item 10: two gateway users (or one user's `alice+machine`) that reach the same
+    account on the same machine share one guessing budget, limits.password_per_account_per_minute."""
+    user, password = account
+
+    def patch(doc):
+        patch_for(user, per_source=20)(doc)
+        doc["limits"].update(password_per_user_per_minute=20, password_per_account_per_minute=2)
+        doc["users"]["carol"] = {"machines": ["alice"]}  # carol lands on alice's machine, same account
+    fleet, cfg = make_fleet(tmp_path, patch=patch)
+    await start_gateway(nursery, fleet, cfg)
+    wrong = askpass(tmp_path, "wrong-" + password)
+    assert (await run(password_ssh(fleet, "alice", "true"), env=wrong)).returncode == 255
+    assert (await run(password_ssh(fleet, "alice+alice", "true"), env=wrong)).returncode == 255
+    right = tmp_path / "right"
+    right.mkdir()
+    r = await run(password_ssh(fleet, "carol", "true"), env=askpass(right, password))
+    assert r.returncode == 255, "carol guessed on an account whose budget alice's logins had spent"
+    assert fleet.metric("fleetgate_preauth_refusals_total", reason="password_rate") == 1

@@ -19,7 +19,9 @@ client can ask to be 8192 bits) costs the gateway 1.3-4 times the CPU of a whole
 curve25519 handshake (bench/preauth_cpu.py), while a client need not compute its own side
 at all; so such a key exchange draws on a budget (`limits.expensive_kex_per_second` and
 `limits.expensive_kex_per_source_per_minute`, in `limits.py`); when the budget is spent
-the front stops offering them and refuses a client that can do nothing else.
+the front stops offering them and refuses a client that can do nothing else. Key
+re-exchanges the client starts draw on the same budget (`FrontPolicy.rekey_kex`), and on a
+re-exchange rate budget of their own (limits.py).
 """
 
 from __future__ import annotations
@@ -227,6 +229,15 @@ class FrontPolicy:
             hk.insert(0, chosen_hk)
         ciphers = steer_ciphers(client, self.ciphers) if self.steer else list(self.ciphers)
         return Offer(kex=tuple(kex), host_key=tuple(hk), ciphers=tuple(ciphers), macs=self.macs)
+
+    def rekey_kex(self, client: Kexinit, allow_expensive: Callable[[str], bool]) -> tuple[str, ...]:
+        """Our key exchange list when we answer a client's re-exchange: the same budget as the
+        first exchange (an expensive one over it is taken off the list)."""
+        kex = list(self.kex)
+        chosen = first_common(client.kex, kex)
+        if chosen is not None and is_expensive_kex(chosen) and not allow_expensive(chosen):
+            kex = [k for k in kex if not is_expensive_kex(k)]
+        return tuple(kex)
 
     def check_sent(self, client: Kexinit, sent: Kexinit, allow_expensive: Callable[[str], bool]) -> None:
         """Our KEXINIT went out first (the client waited for it): refuse an expensive key

@@ -62,7 +62,7 @@ class FrontContext:
         # Read at scrape time, from whichever limiter a reload left in force.
         metrics.unauthenticated.set_function(lambda: self.limiter.unauthenticated)
         metrics.unauthenticated_limit.set_function(lambda: self.limiter.config.max_unauthenticated)
-        self._password_limits: tuple[int, int] | None = None
+        self._password_limits: tuple[int, int, int] | None = None
         # Budgets that add up (fleetgate/budget.py): one ledger for the life of the process; a
         # reload (or a changed open-file limit, re-read on SIGHUP) changes its limits, not its use.
         self.budgets = budget_mod.Budgets(self.budget_limits(config.limits or LimitsConfig()),
@@ -132,11 +132,14 @@ class FrontContext:
         if hasattr(self, "budgets"):
             self.budgets.apply(new["budgets"])
         self.password_machines = any(m.password_passthrough for m in config.machines.values())
-        wanted = (limits.password_per_source_per_minute, limits.password_per_user_per_minute)
+        wanted = (limits.password_per_source_per_minute, limits.password_per_user_per_minute,
+                  limits.password_per_account_per_minute)
         if self._password_limits != wanted:
             self._password_limits = wanted
             self.password_sources = RateLimiter(limits.password_per_source_per_minute)
             self.password_users = RateLimiter(limits.password_per_user_per_minute)
+            # Keyed by (machine, account): what the machine's sshd sees guessed, whoever asks.
+            self.password_accounts = RateLimiter(limits.password_per_account_per_minute)
 
     def add_connection(self, c: Connection) -> None:
         self.connections.add(c)

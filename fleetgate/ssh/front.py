@@ -483,7 +483,9 @@ class FrontConnection(asyncssh.SSHServer):
             self._failed_attempt("password")
             return False
         now = time.monotonic()
-        if not ctx.password_sources.allow(self.ip, now) or not ctx.password_users.allow(user, now):
+        account = f"{target.machine}\0{target.upstream_user}"  # never an IP address: RateLimiter keys it as is
+        if (not ctx.password_sources.allow(self.ip, now) or not ctx.password_users.allow(user, now)
+                or not ctx.password_accounts.allow(account, now)):
             ctx.limiter.refuse(self.ip, "password_rate")
             self._failed_attempt("password")
             return False

@@ -18,7 +18,11 @@ bump breaks a hook):
   the machine's channel closed, as sshd does (OpenSSH ControlMaster depends on it);
 - `watch_transport()`: the user's TCP back-pressure, which asyncssh itself ignores;
 - `create_remote_listener()`: `-R` registered before the machine listens, as OpenSSH does;
-- `register_sntrup761()`: the post-quantum key exchange OpenSSH 9.0-9.8 prefer, without liboqs.
+- `register_sntrup761()`: the post-quantum key exchange OpenSSH 9.0-9.8 prefer, without liboqs;
+- `set_kex_budget()`: every key exchange a client starts, re-exchanges too, asks the pre-auth
+  limiter's budgets (limits.py) first;
+- `_prompt_close()` (with the relay tuning): a relayed machine channel's CLOSE goes to the user
+  in the same write as the exit status that came with it (Paramiko's rekey race, issue 25).
 
 Relay tuning: per-packet costs of asyncssh that a relay pays twice per byte, removed.
 
@@ -51,6 +55,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncssh
 from asyncssh import auth as _auth
+from asyncssh import channel as _channel_mod
 from asyncssh import connection as _connection
 from asyncssh import kex as _kex
 from asyncssh import kex_dh as _kex_dh
@@ -85,6 +90,7 @@ def apply_relay_tuning() -> bool:
     _cork(C)
     _drop_kexinits(C)
     _no_config_reload(_connection.SSHServerConnection)
+    _prompt_close(_channel_mod.SSHChannel)
     _applied = True
     apply_fast_path()
     return True
@@ -202,6 +208,31 @@ def _drop_kexinits(C: type) -> None:
         self._client_kexinit = self._server_kexinit = b""
 
     C.send_newkeys = patched
+
+
+def _prompt_close(Ch: type) -> None:
+    """A relayed machine channel's CLOSE reaches the relay in the step it arrives in.
+
+    asyncssh tells a channel's session about a CLOSE a loop turn later (call_soon), so the
+    relay wrote the machine's exit-status (and EOF) to the user in one TCP write and the
+    CLOSE in another. sshd and a bare asyncssh server send them together, and Paramiko
+    depends on it: its reader thread answers a CLOSE, and if the application thread started
+    a key re-exchange (`renegotiate_keys()`) on seeing the exit status in between, that
+    answer waits for a key exchange only the blocked reader could finish — 30 s, then
+    "Key-exchange timed out" (issue 25, item 10). Cleaning up at once puts the CLOSE in the
+    same write as what came with it (the write cork, `_cork`), as the machine sent them.
+    Only for channels to a machine that the relay paired (`pair_channels`); others unchanged.
+    """
+    handlers = Ch._packet_handlers
+    process_close = handlers[MSG_CHANNEL_CLOSE]
+
+    def patched(self, pkttype, pktid, packet):
+        process_close(self, pkttype, pktid, packet)
+        if (getattr(self, "_fg_to", None) is not None and self._recv_state == "closed"
+                and self._conn is not None and not self._conn.is_server()):
+            self._cleanup()  # what asyncssh scheduled with call_soon; that later call finds nothing to do
+
+    handlers[MSG_CHANNEL_CLOSE] = patched
 
 
 def _no_config_reload(S: type) -> None:
@@ -362,11 +393,14 @@ def install_kexinit_policy(policy: Any) -> bool:
     return True
 
 
-def set_kex_budget(conn: Any, allow: Callable[[str], bool]) -> None:
+def set_kex_budget(conn: Any, allow: Callable[[str], bool], allow_rekey: Callable[[], bool] | None = None) -> None:
     """`allow(kex_name)` is asked before an expensive key exchange (algorithms.is_expensive_kex)
-    runs on this server connection; False takes it off the offer, or refuses the client."""
+    runs on this server connection, the first one or a re-exchange the client starts; False
+    takes it off the offer, or refuses the client. `allow_rekey()` is asked before each key
+    re-exchange the client starts; False disconnects it (a re-exchange cannot be declined)."""
     if isinstance(conn, _connection.SSHServerConnection):
         conn._fg_kex_budget = allow  # noqa: SLF001
+        conn._fg_rekey_budget = allow_rekey  # noqa: SLF001
 
 
 def _patch_recv_version(S: type) -> None:
@@ -483,8 +517,19 @@ def _patch_process_kexinit(handlers: dict) -> None:
             client = policy.parse(packet.get_remaining_payload())
         except policy.Malformed as exc:
             raise asyncssh.ProtocolError(str(exc)) from None
-        if not self._session_id:  # the first key exchange (a rekey keeps its lists)
-            allow = getattr(self, "_fg_kex_budget", None) or _always
+        allow = getattr(self, "_fg_kex_budget", None) or _always
+        if self._session_id:
+            # A re-exchange: it keeps the connection's ciphers, but every one the client starts
+            # is counted (issue 25: a client could re-run key exchanges before authentication,
+            # group18 ones too, outside every budget). Ours (asyncssh's rekey after 1 GiB or an
+            # hour) went out first and costs what we chose: not charged.
+            if not self._kexinit_sent:
+                allow_rekey = getattr(self, "_fg_rekey_budget", None)
+                if allow_rekey is not None and not allow_rekey():
+                    raise asyncssh.KeyExchangeFailed("fleetgate: key re-exchanges far more often than any client "
+                                                     "needs; disconnecting")
+                self._kex_algs = _encoded(policy.rekey_kex(client, allow))
+        else:  # the first key exchange
             try:
                 if not self._kexinit_sent:
                     hk = [a.decode() for a in (self._server_host_key_algs or ())]

@@ -14,7 +14,12 @@ hold connections open or guess keys. So
   cost the gateway up to ~4 times a curve25519 handshake while the client can send a
   random number for free, draw on a budget (globally per second and per source per
   minute); a connection over it is not offered them (or refused, if it can do nothing
-  else), counted as `kex_budget`;
+  else), counted as `kex_budget`; re-exchanges the client starts (before or after
+  authentication) draw on the same budget;
+- every key re-exchange a client starts is counted per connection, per source and for the
+  gateway: a client that rekeys far more often than any real one (OpenSSH, PuTTY, Dropbear
+  and asyncssh rekey after 1 GiB or an hour; Paramiko after 512 MiB) is disconnected, counted
+  as `rekey_rate`, and a strike towards the source's penalty like a failed login;
 - every refusal is counted by reason, and logged once per source and reason a minute.
 """
 
@@ -37,7 +42,7 @@ LOG_WINDOW = 60.0
 MAX_SOURCES = 65_536
 MAX_LOGGED = 10_000
 REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preauth_timeout", "password_rate",
-                   "kex_budget")
+                   "kex_budget", "rekey_rate")
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ class LimitsConfig:
     # Password passthrough wakes a machine before the user is known: a tight budget.
     password_per_source_per_minute: int = 5
     password_per_user_per_minute: int = 10
+    # ... and per target account (machine and its account): several gateway users, or one
+    # user's `alice+box`, can reach the same account; its guesses share one budget.
+    password_per_account_per_minute: int = 10
     # Big-group DH (group16, group18, group exchange) before authentication: a group18 or
     # 8192-bit group-exchange handshake costs the gateway ~14 ms of CPU against ~4 ms for
     # curve25519 (bench/preauth_cpu.py), so 8 a second keep what a flood of them can take to
@@ -63,6 +71,17 @@ class LimitsConfig:
     # Dropbear, libssh2 1.9+, PuTTY) never need them.
     expensive_kex_per_second: float = 8.0
     expensive_kex_per_source_per_minute: int = 30
+    # Key re-exchanges a client starts. The relay moves at most ~220 MiB/s on one connection
+    # (4.5 CPU-s per GiB, docs/benchmarks.md), so a client rekeying every 512 MiB (Paramiko;
+    # OpenSSH, PuTTY, Dropbear, asyncssh wait for 1 GiB or an hour) needs at most ~26 a minute.
+    # A curve25519 re-exchange costs the gateway ~0.5 ms (issue 25: 36 348 in 20 s took 90 % of
+    # a core), a group18 one ~14 ms: 30 a minute on one connection is at most 0.5/s of it;
+    # 120 a minute per source leaves a NAT of busy users room; 30 a second for the whole
+    # gateway keeps a many-source flood to ~2 % of a core with curve25519 (the expensive ones
+    # are bounded by expensive_kex_* first).
+    rekey_per_connection_per_minute: int = 30
+    rekey_per_source_per_minute: int = 120
+    rekey_per_second: float = 30.0
     # After authentication: sshd's MaxSessions (shells, commands, sftp on one connection;
     # OpenSSH ControlMaster and Ansible share one), every channel of a connection (forwards
     # and jumps too), and connections per user (each holds an upstream login and buffers).
@@ -77,6 +96,29 @@ class LimitsConfig:
     buffer_per_user: int = 0    # bytes
     channels_total: int = 0
     channels_per_user: int = 0
+
+
+class _Rekeys:
+    """One connection's token bucket for the key re-exchanges its client starts."""
+
+    __slots__ = ("_limiter", "_ip", "_tokens", "_last")
+
+    def __init__(self, limiter: "PreauthLimiter", ip: str):
+        self._limiter = limiter
+        self._ip = ip
+        self._tokens = float(limiter.config.rekey_per_connection_per_minute)
+        self._last = limiter._clock()
+
+    def take(self, now: float, cap: float, rate: float) -> bool:
+        self._tokens = min(cap, self._tokens + (now - self._last) * rate)
+        self._last = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def allow(self) -> bool:
+        return self._limiter.rekey(self._ip, self)
 
 
 class Closable(Protocol):
@@ -99,6 +141,12 @@ class PreauthLimiter:
         # token buckets for expensive key exchanges: the global one, then one per source
         self._kex_global = (float(config.expensive_kex_per_second), clock())
         self._kex_sources: dict[str, tuple[float, float]] = {}
+        # token buckets for key re-exchanges: the gateway's, then one per source (each
+        # connection's own is a _Rekeys held by its connection)
+        self._rekey_global = (float(config.rekey_per_second), clock())
+        self._rekey_sources: dict[str, tuple[float, float]] = {}
+        # unauthenticated connections that were refused an expensive key exchange
+        self._kex_refused: set[int] = set()
         self.count = count
         self._clock = clock
         self._rng = rng or random.Random()
@@ -115,15 +163,15 @@ class PreauthLimiter:
             return False
         return any(addr in net for net in self._exempt)
 
-    def refuse(self, ip: str, reason: str) -> None:
+    def refuse(self, ip: str, reason: str, detail: str = "") -> None:
         """Count a refusal and log it once per source and reason per minute."""
         self.count(reason)
         now = self._clock()
         key = (ip, reason)
         if now - self._logged.get(key, -LOG_WINDOW) >= LOG_WINDOW:
             self._logged[key] = now
-            log.warning("pre-auth refusal source=%s reason=%s (further ones from this source are counted, "
-                        "not logged, for %.0f s)", ip, reason, LOG_WINDOW)
+            log.warning("pre-auth refusal source=%s reason=%s%s (further ones from this source are counted, "
+                        "not logged, for %.0f s)", ip, reason, f" {detail}" if detail else "", LOG_WINDOW)
             if len(self._logged) > MAX_LOGGED:  # bounded memory under a spoofed-source flood
                 self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_WINDOW}
                 if len(self._logged) > MAX_LOGGED // 2:  # still full: keep the newest half (amortised O(1))
@@ -158,8 +206,49 @@ class PreauthLimiter:
         src.unauthenticated[id(conn)] = (now, conn)
         self._holding[ip] = src
         self._total += 1
-        internals.set_kex_budget(conn, lambda name: self.expensive_kex(ip))
+        key = id(conn)
+
+        def allow_expensive(name: str) -> bool:
+            if self.expensive_kex(ip):
+                return True
+            self._kex_refused.add(key)  # if it then leaves unauthenticated: a strike (closed())
+            return False
+
+        internals.set_kex_budget(conn, allow_expensive, _Rekeys(self, ip).allow)
         return True
+
+    def rekey(self, ip: str, per_connection: "_Rekeys") -> bool:
+        """May a connection from `ip` run one more key re-exchange that its client started?
+        (per connection, per source unless exempt, and for the whole gateway)"""
+        c = self.config
+        now = self._clock()
+        ok_conn = per_connection.take(now, float(c.rekey_per_connection_per_minute),
+                                      c.rekey_per_connection_per_minute / 60.0)
+        exempt = self._exempted(ip)
+        cap = float(c.rekey_per_source_per_minute)
+        s_tokens, s_last = self._rekey_sources.get(ip, (cap, now))
+        s_tokens = min(cap, s_tokens + (now - s_last) * cap / 60.0)
+        g_tokens, g_last = self._rekey_global
+        g_tokens = min(c.rekey_per_second, g_tokens + (now - g_last) * c.rekey_per_second)
+        allowed = ok_conn and g_tokens >= 1.0 and (exempt or s_tokens >= 1.0)
+        if allowed:
+            g_tokens -= 1.0
+            s_tokens -= 1.0
+        self._rekey_global = (g_tokens, now)
+        if not exempt:
+            if len(self._rekey_sources) >= MAX_SOURCES:  # bounded memory: forget the refilled ones
+                self._rekey_sources = {k: v for k, v in self._rekey_sources.items()
+                                       if v[0] + (now - v[1]) * cap / 60.0 < cap}
+                if len(self._rekey_sources) >= MAX_SOURCES:
+                    self._rekey_sources.clear()
+            self._rekey_sources[ip] = (s_tokens, now)
+        if not allowed:
+            which = "connection" if not ok_conn else "gateway" if g_tokens < 1.0 else "source"
+            self.refuse(ip, "rekey_rate", f"budget={which}")
+            # A strike, as a failed login is: a flood that reconnects after each cut (a full
+            # handshake instead of a re-exchange) gets its source blocked like a key guesser.
+            self._penalise(ip)
+        return allowed
 
     def expensive_kex(self, ip: str) -> bool:
         """May `ip` run one more finite-field DH key exchange now? (global and per-source buckets)"""
@@ -215,6 +304,7 @@ class PreauthLimiter:
         conn.abort()
 
     def _settle(self, ip: str, key: int) -> bool:
+        self._kex_refused.discard(key)
         src = self._sources.get(ip)
         if src is None or src.unauthenticated.pop(key, None) is None:
             return False
@@ -230,7 +320,18 @@ class PreauthLimiter:
 
     def closed(self, ip: str, conn: Closable, failed_auth: bool) -> None:
         """An unauthenticated connection ended; a failed one counts towards the source's penalty."""
-        if not self._settle(ip, id(conn)) or not failed_auth or self._exempted(ip):
+        refused_kex = id(conn) in self._kex_refused
+        if not self._settle(ip, id(conn)) or not (failed_auth or refused_kex):
+            return
+        # A connection that left unauthenticated after being refused an expensive key exchange
+        # is a strike too (sshd's PerSourcePenalties "noauth"): a flood of DH-only clients that
+        # reconnects at once would otherwise cost a handshake's start each time, unbounded.
+        self._penalise(ip)
+
+    def _penalise(self, ip: str) -> None:
+        """One more strike against `ip` (a failed login, or a connection cut for re-exchanging
+        keys far too often); penalty_after of them within penalty_window block it."""
+        if self._exempted(ip):
             return
         c = self.config
         now = self._clock()
@@ -245,8 +346,8 @@ class PreauthLimiter:
         if len(src.failures) >= c.penalty_after:
             src.blocked_until = now + c.penalty_duration
             src.failures.clear()
-            log.warning("source blocked source=%s seconds=%.0f after %d failed logins", ip, c.penalty_duration,
-                        c.penalty_after)
+            log.warning("source blocked source=%s seconds=%.0f after %d failed logins or key re-exchange floods",
+                        ip, c.penalty_duration, c.penalty_after)
 
     @property
     def unauthenticated(self) -> int:
