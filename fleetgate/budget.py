@@ -47,17 +47,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from .fdlimit import ACCEPT_HEADROOM, RESERVE
+
 log = logging.getLogger(__name__)
 
 KINDS = ("fds", "buffer", "channels")
 SCOPES = ("user", "gateway")
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-# fds: what no user can take. fdlimit.RESERVE (64: logs, listeners, epoll, backends' processes,
-# probes, pid files, the admin socket, HTTP clients of webhooks) plus what accept() may take in
-# one pass beyond the pre-auth cap before an eviction frees a descriptor (bridge.ACCEPT_BATCH
-# per listener, two listeners' worth).
-ACCEPT_HEADROOM = 32
 FDS_PER_CONNECTION = 2
 FDS_PER_JUMP = 1
 # A user's share: a quarter of the buffer and channel budgets, an eighth of the descriptors
@@ -145,8 +142,6 @@ def resolve(*, fd_limit: int, memory: int, max_unauthenticated: int, http_connec
     channels could ever hold). buffer_total = a sixteenth of memory, 64 MiB..1 GiB; each user
     a quarter. channels_total = what buffer_total holds at the smallest window, at most 16 384;
     each user a quarter, at most max_connections_per_user × max_channels."""
-    from .fdlimit import RESERVE
-
     reserve = RESERVE + ACCEPT_HEADROOM
     ft = fds_total or max(16, fd_limit - reserve - max_unauthenticated - http_connections)
     implied_fds = max_connections_per_user * (FDS_PER_CONNECTION + max_channels * FDS_PER_JUMP)

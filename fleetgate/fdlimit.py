@@ -25,6 +25,13 @@ MAX_UNAUTHENTICATED_CAP = 1024
 HTTP_CONNECTIONS_CAP = 256
 
 
+# fds: what no user can take. RESERVE (64: logs, listeners, epoll, backends' processes,
+# probes, pid files, the admin socket, HTTP clients of webhooks) plus what accept() may take in
+# one pass beyond the pre-auth cap before an eviction frees a descriptor (bridge.ACCEPT_BATCH
+# per listener, two listeners' worth).
+ACCEPT_HEADROOM = 32
+
+
 def _hard() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return CEILING if hard == resource.RLIM_INFINITY else min(hard, CEILING)
@@ -66,8 +73,6 @@ def default_http_connections(fds: int | None = None) -> int:
 def check(max_unauthenticated: int, http_connections: int, fds: int | None = None, fds_total: int = 0) -> list[str]:
     """Warnings for `fleetgate check` when the configured limits do not fit the budget
     (`fds_total`: an explicit limits.fds_total; 0 when derived, which always fits)."""
-    from .budget import ACCEPT_HEADROOM
-
     fds = budget() if fds is None else fds
     out = []
     reserve = RESERVE + ACCEPT_HEADROOM

@@ -274,7 +274,7 @@ async def open_loop(on_error: Callable[[str], None] | None = None) -> AsyncItera
         yield loop
 
 
-ACCEPT_BATCH = 16  # connections accepted per readiness pass of a listener (budget.ACCEPT_HEADROOM)
+ACCEPT_BATCH = 16  # connections accepted per readiness pass of a listener (fdlimit.ACCEPT_HEADROOM)
 
 
 def _cap_accepts(loop: Any) -> None:
