@@ -12,12 +12,12 @@ if [[ "${1:-}" == "--check" ]]; then
     exec python3 scripts/lockcheck.py
 fi
 ./scripts/setup.sh    # a venv with the locked uv in it
-.venv/bin/uv pip compile pyproject.toml --quiet --extra test --extra dev --generate-hashes \
+.venv/bin/uv pip compile pyproject.toml --quiet --native-tls --extra test --extra dev --generate-hashes \
     --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
     --index-url https://pypi.org/simple --upgrade \
     --custom-compile-command ./scripts/lock.sh -o requirements.lock
 # The image's lock: the runtime dependencies alone, at the versions of the full lock.
-.venv/bin/uv pip compile pyproject.toml --quiet --generate-hashes \
+.venv/bin/uv pip compile pyproject.toml --quiet --native-tls --generate-hashes \
     --python-version 3.11 --python-platform x86_64-manylinux_2_36 \
     --index-url https://pypi.org/simple -c requirements.lock \
     --custom-compile-command ./scripts/lock.sh -o requirements-runtime.lock

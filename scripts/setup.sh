@@ -43,6 +43,11 @@ rm -rf .venv
 # hashes decide what is installed, and PyPI is the only index.
 export PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT PIP_REQUIRE_VIRTUALENV
+# The system's CA bundle (Debian's, plus whatever the site added: an intercepting proxy's CA)
+# rather than pip's own copy, unless one was given.
+if [ -z "${PIP_CERT:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  export PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+fi
 pipi() { .venv/bin/python -m pip install -q --no-deps --require-hashes --index-url https://pypi.org/simple "$@"; }
 # First pip, setuptools and wheel from the lock: they build what has no wheel
 # (libvirt-python, fleetgate itself) without fetching an unlocked build backend.
