@@ -65,9 +65,10 @@ def sh(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 def say(config: pytest.Config, line: str) -> None:
     """A line on the terminal even without -s (build timings, skip reasons)."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            print(f"\n{line}", file=sys.stderr, flush=True)
     else:  # pragma: no cover
         print(line, file=sys.stderr)
 
