@@ -7,7 +7,7 @@
 #
 # /etc/fleetgate/fleetgate.toml is your config (see docs/config.example.toml); relative
 # paths in it resolve inside /etc/fleetgate. Set gateway.state_dir = "/var/lib/fleetgate"
-# (the only writable place) and [metrics] listen = "0.0.0.0:9180" for the health check.
+# (the only writable place but /tmp) and [metrics] listen = "0.0.0.0:9180" for the health check.
 # Check a config with the same image: docker run ... fleetgate check -c /etc/fleetgate/fleetgate.toml
 #
 # Any Debian 12 base with python3 and python3-venv works too (--build-arg BASE=...): the tests
@@ -37,6 +37,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # scripts/image-install.sh says how. The dependencies are a layer of their own, so a change
 # to fleetgate's code does not fetch them again. Behind a TLS-intercepting proxy, give pip its
 # CA bundle for the build only: --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt
+# (RUN --mount needs BuildKit, Docker's default builder since 23.0, or podman/buildah).
 COPY scripts/image-install.sh requirements.lock requirements-runtime.lock /src/
 RUN --mount=type=secret,id=pip-ca /src/image-install.sh deps
 COPY pyproject.toml /src/
