@@ -62,7 +62,9 @@ if [ -n "$ca" ] && [ -f "$ca" ]; then
   envs+=(PIP_CERT="$c" SSL_CERT_FILE="$c" REQUESTS_CA_BUNDLE="$c")
 fi
 
-echo "fresh-check: $head in a fresh Debian root ($root): ./scripts/test.sh $*" >&2
+args=""
+[ "$#" -eq 0 ] || args="$(printf ' %q' "$@")"
+echo "fresh-check: $head in a fresh Debian root ($root): ./scripts/test.sh$args" >&2
 log="$work/test.log"
 set +e
 # shellcheck disable=SC2016  # expanded by the inner bash
@@ -78,7 +80,7 @@ unshare --mount --pid --fork --propagation private bash -ec '
 status=${PIPESTATUS[0]}
 set -e
 echo
-echo "fresh-check: HEAD $head, ./scripts/test.sh $*: exit $status"
+echo "fresh-check: HEAD $head, ./scripts/test.sh$args in a fresh Debian root: exit $status after ${SECONDS} s"
 # pytest's closing lines: the short summary if there is one, and the final counts.
 if grep -q '^=* short test summary info =*$' "$log"; then
   awk '/^=+ short test summary info =+$/ {p = 1} p' "$log" | tail -n 60
