@@ -19,6 +19,7 @@ is skipped with podman's own reason; where podman is missing it fails (CI instal
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,7 +50,8 @@ pytestmark = pytest.mark.e2e
 
 RUNTIME = ["--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
-IMAGE = "localhost/fleetgate-e2e:test"
+# One tag per checkout, so that two checkouts' test runs do not build over each other's image.
+IMAGE = f"localhost/fleetgate-e2e:{hashlib.sha256(str(REPO).encode()).hexdigest()[:12]}"
 UID = 10001          # the Dockerfile's USER
 DRAIN = 5            # gateway.drain_timeout in the test config, seconds
 MACHINE = "dev-alice"
@@ -91,6 +93,7 @@ def image(request: pytest.FixtureRequest) -> str:
     t0 = time.monotonic()
     r = sh([str(REPO / "scripts" / "debian-root.sh"), "python3", "python3-venv"], timeout=1200)
     if r.returncode != 0 and "needs root" in r.stderr:
+        say(request.config, f"test_image_e2e: SKIPPED: {r.stderr.strip()}")
         pytest.skip(f"cannot build the base image here: {r.stderr.strip()}")
     assert r.returncode == 0, r.stderr
     tarball = Path(r.stdout.strip())
