@@ -8,7 +8,8 @@
 # machine's Debian mirror), a `git clone` of this checkout's HEAD in /root/fleetgate (commit it
 # first: uncommitted changes are not part of the check), then `./scripts/test.sh ARGS` run
 # there as root in a chroot inside its own mount and pid namespaces (unshare), with /proc,
-# /sys, /dev and resolv.conf, and a clean environment. setup.sh installs every Debian and
+# /sys, /dev and resolv.conf, and a clean environment. The debootstrap cache
+# (/var/cache/fleetgate-test) is shared with the root, so the image test inside reuses it. setup.sh installs every Debian and
 # Python package itself, as on a new machine. Packages' daemons are not started while they
 # are installed (policy-rc.d, as in any container build): the tests start what they need, on
 # loopback. The network is the host's (apt's mirror and PyPI); where the host trusts an extra
@@ -30,6 +31,7 @@ if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
 fi
 
 tarball="$(./scripts/debian-root.sh)"
+cache="$(dirname "$tarball")"   # shared with the root: the image test's base is built once
 work="$(mktemp -d /var/tmp/fleetgate-fresh.XXXXXX)"
 root="$work/root"
 cleanup() {
@@ -69,14 +71,19 @@ log="$work/test.log"
 set +e
 # shellcheck disable=SC2016  # expanded by the inner bash
 unshare --mount --pid --fork --propagation private bash -ec '
-  root=$1; shift
+  root=$1; cache=$2; shift 2
+  # The root a mount point of its own, as / is on a machine: mount propagation changes
+  # (unshare, libvirtd, podman storage) refuse a / that is not one.
+  mount --bind "$root" "$root"
   mount -t proc proc "$root/proc"
   mount --rbind /sys "$root/sys"
   mount --rbind /dev "$root/dev"
   mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+  mkdir -p "$root$cache"
+  mount --bind "$cache" "$root$cache"
   cd "$root"
   exec chroot "$root" /usr/bin/env -i "$@"
-' fresh "$root" "${envs[@]}" /root/fleetgate/scripts/test.sh "$@" 2>&1 | tee "$log"
+' fresh "$root" "$cache" "${envs[@]}" /root/fleetgate/scripts/test.sh "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 echo
