@@ -312,6 +312,8 @@ async def test_healthcheck_follows_the_gateway(setup: Setup) -> None:
     """HEALTHCHECK (the image's, run by podman in the container) is healthy while the gateway
     serves, and unhealthy while its process is stopped (SIGSTOP) and cannot answer."""
     c = setup.container
+    alive = await c.exec("true")  # the health check is an exec: say so if exec itself fails
+    assert alive.returncode == 0, ("podman exec failed", alive.returncode, alive.out, alive.err)
     hc = await run(podman("healthcheck", "run", c.name), timeout=60)
     assert hc.returncode == 0, (hc.out, hc.err)
     assert (await c.inspect())["State"]["Health"]["Status"] == "healthy"
@@ -350,7 +352,9 @@ async def test_runs_as_non_root_and_writes_only_its_state_volume(setup: Setup) -
     c = setup.container
     assert (await c.inspect())["Config"]["User"] == f"{UID}:{UID}"
     # The gateway itself (the container's pid 1, the image's ENTRYPOINT) runs as uid/gid 10001.
-    status = (await c.exec("cat", "/proc/1/status")).out
+    r = await c.exec("cat", "/proc/1/status")
+    assert r.returncode == 0 and "Uid:" in r.out, ("podman exec failed", r.returncode, r.out, r.err)
+    status = r.out
     uids = next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1:]
     gids = next(ln for ln in status.splitlines() if ln.startswith("Gid:")).split()[1:]
     assert uids == [str(UID)] * 4 and gids == [str(UID)] * 4, status
