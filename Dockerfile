@@ -7,9 +7,14 @@
 #
 # /etc/fleetgate/fleetgate.toml is your config (see docs/config.example.toml); relative
 # paths in it resolve inside /etc/fleetgate. Set gateway.state_dir = "/var/lib/fleetgate"
-# (the only writable place) and [metrics] listen = "0.0.0.0:9180" for the health check.
+# (the only writable place but /tmp) and [metrics] listen = "0.0.0.0:9180" for the health check.
 # Check a config with the same image: docker run ... fleetgate check -c /etc/fleetgate/fleetgate.toml
-FROM python:3.11-slim-bookworm
+#
+# Any Debian 12 base with python3 and python3-venv works too (--build-arg BASE=...): the tests
+# build on a debootstrap root, since no image registry is reachable there.
+ARG BASE=python:3.11-slim-bookworm
+# hadolint ignore=DL3006
+FROM ${BASE}
 
 # Extra Debian packages, e.g. --build-arg APT_PACKAGES=openssh-server for the process
 # backend (`fleetgate demo`). Empty by default: the gateway itself needs none.
@@ -24,11 +29,20 @@ RUN if [ -n "$APT_PACKAGES" ]; then \
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/fleetgate/bin:$PATH
 
+# Exactly what the tests ran with: requirements-runtime.lock, hash-checked, no resolver, into a
+# virtualenv of its own (/opt/fleetgate, without pip); fleetgate itself with --no-deps.
+# scripts/image-install.sh says how. The dependencies are a layer of their own, so a change
+# to fleetgate's code does not fetch them again. Behind a TLS-intercepting proxy, give pip its
+# CA bundle for the build only: --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt
+# (RUN --mount needs BuildKit, Docker's default builder since 23.0, or podman/buildah).
+COPY scripts/image-install.sh requirements.lock requirements-runtime.lock /src/
+RUN --mount=type=secret,id=pip-ca /src/image-install.sh deps
 COPY pyproject.toml /src/
 COPY fleetgate /src/fleetgate
-RUN pip install /src && rm -rf /src
+RUN --mount=type=secret,id=pip-ca /src/image-install.sh app && rm -rf /src
 
 RUN groupadd --system --gid 10001 fleetgate \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/fleetgate --create-home \

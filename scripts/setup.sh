@@ -13,7 +13,7 @@ APT_PACKAGES=(python3 python3-venv openssh-server openssh-client rsync tmux proc
   dropbear-bin openssh-sftp-server cpio kmod xz-utils zstd curl git libvirt-daemon
   libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config gcc python3-dev socat
   etcd-server etcd-client iproute2 util-linux mount passwd
-  podman buildah debootstrap uidmap slirp4netns fuse-overlayfs putty-tools)
+  podman buildah runc debootstrap uidmap slirp4netns fuse-overlayfs putty-tools)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

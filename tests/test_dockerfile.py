@@ -54,7 +54,10 @@ def test_hadolint_is_clean() -> None:
 
 
 def test_base_image_and_user(commands: list[dockerfile.Command]) -> None:
-    assert only(commands, "FROM").value == ("python:3.11-slim-bookworm",)
+    # The base is a build argument (the e2e test builds on a debootstrap root); users get the
+    # official image by default.
+    assert only(commands, "FROM").value == ("${BASE}",)
+    assert commands[0].cmd == "ARG" and commands[0].value == ("BASE=python:3.11-slim-bookworm",)
     user = only(commands, "USER").value[0]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "numeric and non-root, so runAsNonRoot can verify it"
@@ -75,8 +78,30 @@ def test_copy_sources_exist_and_pass_dockerignore(commands: list[dockerfile.Comm
         for src in c.value[:-1]:
             assert (REPO / src).exists(), f"{c.original}: {src} does not exist"
             assert src.rstrip("/") in allowed, f"{c.original}: {src} is excluded by .dockerignore"
-    # What `pip install .` needs to build the package must be in the context.
-    assert {"pyproject.toml", "fleetgate"} <= allowed
+    # What builds the package and installs it from the locks must be in the context.
+    assert {"pyproject.toml", "fleetgate", "requirements.lock", "requirements-runtime.lock",
+            "scripts/image-install.sh"} <= allowed
+
+
+def test_installs_exactly_the_runtime_lock(commands: list[dockerfile.Command]) -> None:
+    """The image gets what the tests ran with: requirements-runtime.lock with hashes and no
+    resolver, fleetgate itself with --no-deps, and only locked tools doing the installing."""
+    runs = [c.value[0] for c in commands if c.cmd == "RUN"]
+    assert "/src/image-install.sh deps" in runs and "/src/image-install.sh app && rm -rf /src" in runs
+    assert runs.index("/src/image-install.sh deps") < runs.index("/src/image-install.sh app && rm -rf /src")
+    script = (REPO / "scripts" / "image-install.sh").read_text()
+    pips = [" ".join(ln.split()) for ln in script.replace("\\\n", " ").splitlines() if "$pip " in ln and "install" in ln]
+    assert pips, script
+    for line in pips:
+        assert "--no-deps" in line, line
+        assert "--require-hashes" in line or "--no-index" in line, line
+    assert any("--require-hashes -r /src/requirements-runtime.lock" in ln for ln in pips)
+    assert any("--no-index /tmp/dist/fleetgate-" in ln for ln in pips)
+    env = {}
+    for c in commands:
+        if c.cmd == "ENV":
+            env.update(zip(c.value[::2], c.value[1::2]))
+    assert env["PATH"].startswith("/opt/fleetgate/bin:"), "python and fleetgate are the venv's"
 
 
 def test_entrypoint_is_the_real_cli(commands: list[dockerfile.Command]) -> None:
