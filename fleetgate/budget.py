@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import logging
 import os
 import time
@@ -341,9 +340,8 @@ class Budgets:
         return self._released >= TRIM_AFTER
 
     def release_memory(self) -> bool:
-        """Collect cycles and hand freed heap pages back to the system (glibc malloc_trim)."""
+        """Hand freed heap pages back to the system (glibc malloc_trim)."""
         self._released = 0
-        gc.collect()
         return malloc_trim()
 
 

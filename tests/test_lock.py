@@ -8,6 +8,7 @@ and that pyproject.toml and the lock cannot drift apart unnoticed.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -29,17 +30,19 @@ def test_pyproject_and_the_locks_agree():
 
 
 def test_the_venv_is_exactly_the_lock():
-    """`pip freeze` of the interpreter running the tests: the lock's pins, fleetgate, nothing else."""
-    out = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--disable-pip-version-check"],
+    """What pip says the interpreter running the tests has: the lock's pins, plus fleetgate
+    itself installed editable from this checkout, nothing else (`pip freeze --all` to the letter)."""
+    out = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     installed: dict[str, str] = {}
-    for line in out.splitlines():
-        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line)
-        if m:
-            installed[lockcheck.normalize(m.group(1))] = m.group(2)
-        elif not line.startswith("# Editable"):  # pip's comment above the editable line
-            assert line.startswith("-e ") and Path(line[3:].strip()).resolve() == REPO, \
-                f"not from the lock: {line!r}"
+    editable: dict[str, str] = {}
+    for dist in json.loads(out):
+        name = lockcheck.normalize(dist["name"])
+        if "editable_project_location" in dist:
+            editable[name] = dist["editable_project_location"]
+        else:
+            installed[name] = dist["version"]
+    assert {n: Path(p).resolve() for n, p in editable.items()} == {"fleetgate": REPO}
     assert installed == lock_pins(REPO / "requirements.lock")
 
 
