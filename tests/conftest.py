@@ -117,6 +117,20 @@ def no_secret_in_logs(tmp_path):
     assert not leaks, "a configured secret reached a log line:\n" + "\n".join(leaks[:5])
 
 
+@pytest.fixture
+def many_fds():
+    """The test process itself holds ~1,200 descriptors (a gateway under prlimit 1024 and its
+    attackers): its soft limit raised for the test, then put back."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 4096:
+        pytest.skip(f"the test process needs ~1,200 descriptors; its hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.fixture(autouse=True)
 def reap_strays(tmp_path):
     """After each test, kill whatever still runs from its tmp dir (sshds, QEMU guests left

@@ -9,7 +9,6 @@ a legitimate `ssh` login takes under 2 s, and /metrics answers once the flood is
 
 from __future__ import annotations
 
-import resource
 import shutil
 import time
 
@@ -76,15 +75,6 @@ async def _timed_login(fleet, port: int) -> float:
     assert (r.returncode, r.out) == (0, "in\n"), r.err
     return elapsed
 
-
-@pytest.fixture
-def many_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < 4096:
-        pytest.skip("the test process itself needs ~1,100 descriptors")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def _close_all(held) -> None:

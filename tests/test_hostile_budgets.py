@@ -21,7 +21,6 @@ accept() never failed with EMFILE; nothing was taken for a stopped machine.
 from __future__ import annotations
 
 import asyncio
-import resource
 import shutil
 import statistics
 import time
@@ -47,15 +46,6 @@ QUIET_FACTOR = 2.0           # ... or twice her median on the same (shared, load
 LOGIN_TIMEOUT_S = 20
 HUGE_WINDOW = 2 * 1024 ** 3 - 1
 
-
-@pytest.fixture
-def many_fds():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard < 4096:
-        pytest.skip("the test process itself needs ~1,200 descriptors")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- what the attackers' machines run ------------------------------------------------------
