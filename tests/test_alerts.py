@@ -39,6 +39,7 @@ def test_promtool_check_rules_is_clean() -> None:
     assert "SUCCESS" in r.stdout and "WARNING" not in (r.stdout + r.stderr).upper()
 
 
+@pytest.mark.e2e  # ~10 s of promtool runs: the end-to-end tier, with the alert mutation test
 def test_promtool_unit_tests_pass() -> None:
     r = run_tool(["promtool", "test", "rules", *map(str, RULE_TESTS)], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
