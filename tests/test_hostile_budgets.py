@@ -50,18 +50,28 @@ HUGE_WINDOW = 2 * 1024 ** 3 - 1
 
 # -- what the attackers' machines run ------------------------------------------------------
 
-class Holder:
-    """mallory's "sshd": sends a banner (the readiness probe reads it), then holds every connection."""
+class LoopbackServer:
+    """A server on a free loopback port; a subclass's `_handle` serves each connection."""
 
     def __init__(self) -> None:
         self.port = 0
-        self.held = 0
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
         await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+class Holder(LoopbackServer):
+    """mallory's "sshd": sends a banner (the readiness probe reads it), then holds every connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.held += 1
@@ -76,17 +86,8 @@ class Holder:
             await trio.aclose_forcefully(stream)
 
 
-class Firehose:
+class Firehose(LoopbackServer):
     """A fast server on bob's machine: sends zeros as fast as it is read."""
-
-    def __init__(self) -> None:
-        self.port = 0
-
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=4096)
-        self.port = listeners[0].socket.getsockname()[1]
-        task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         chunk = bytes(256 * 1024)
