@@ -45,6 +45,19 @@ REFUSAL_REASONS = ("per_source", "evicted", "penalty", "max_auth_tries", "preaut
                    "kex_budget", "rekey_rate")
 
 
+
+def _put_bucket(table: dict[str, tuple[float, float]], ip: str, tokens: float, now: float,
+                cap: float) -> dict[str, tuple[float, float]]:
+    """Record a source's per-minute token bucket in a table bounded at MAX_SOURCES: when full,
+    the sources whose buckets have refilled are forgotten first (they would start full anyway),
+    and if that frees nothing the table starts afresh. Returns the table to keep."""
+    if len(table) >= MAX_SOURCES:
+        table = {k: v for k, v in table.items() if v[0] + (now - v[1]) * cap / 60.0 < cap}
+        if len(table) >= MAX_SOURCES:
+            table = {}
+    table[ip] = (tokens, now)
+    return table
+
 @dataclass(frozen=True)
 class LimitsConfig:
     # Generous per source: a CI fleet or an office behind one NAT address opens dozens of
@@ -236,12 +249,7 @@ class PreauthLimiter:
             s_tokens -= 1.0
         self._rekey_global = (g_tokens, now)
         if not exempt:
-            if len(self._rekey_sources) >= MAX_SOURCES:  # bounded memory: forget the refilled ones
-                self._rekey_sources = {k: v for k, v in self._rekey_sources.items()
-                                       if v[0] + (now - v[1]) * cap / 60.0 < cap}
-                if len(self._rekey_sources) >= MAX_SOURCES:
-                    self._rekey_sources.clear()
-            self._rekey_sources[ip] = (s_tokens, now)
+            self._rekey_sources = _put_bucket(self._rekey_sources, ip, s_tokens, now, cap)
         if not allowed:
             which = "connection" if not ok_conn else "gateway" if g_tokens < 1.0 else "source"
             self.refuse(ip, "rekey_rate", f"budget={which}")
@@ -266,12 +274,7 @@ class PreauthLimiter:
             return False
         self._kex_global = (g_tokens - 1.0, now)
         if not exempt:
-            if len(self._kex_sources) >= MAX_SOURCES:  # bounded memory: forget the refilled ones
-                self._kex_sources = {k: v for k, v in self._kex_sources.items()
-                                     if v[0] + (now - v[1]) * cap / 60.0 < cap}
-                if len(self._kex_sources) >= MAX_SOURCES:
-                    self._kex_sources.clear()
-            self._kex_sources[ip] = (s_tokens - 1.0, now)
+            self._kex_sources = _put_bucket(self._kex_sources, ip, s_tokens - 1.0, now, cap)
         return True
 
     def _prune(self, now: float) -> None:
